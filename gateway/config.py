@@ -1,0 +1,728 @@
+"""Load config.yaml into frozen, validated dataclasses; every error names its place.
+
+Only plain data is checked here (types, ranges, files that exist, cross references). Key
+material is parsed by the PGP and JOSE modules when a snapshot is built.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.errors import ConfigError
+
+Scheme = Literal["pgp", "jose"]
+Direction = Literal["inbound", "outbound"]
+
+JWS_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+JWE_KEY_ALGS = (
+    "RSA-OAEP-256",
+    "RSA-OAEP",
+    "ECDH-ES",
+    "ECDH-ES+A128KW",
+    "ECDH-ES+A192KW",
+    "ECDH-ES+A256KW",
+)
+JWE_LEGACY_KEY_ALGS = ("RSA1_5",)
+JWE_ENCS = ("A256GCM", "A128GCM", "A256CBC-HS512", "A128CBC-HS256", "A192GCM", "A192CBC-HS384")
+DEFAULT_JWE_ENCS = ("A256GCM", "A128GCM", "A256CBC-HS512", "A128CBC-HS256")
+PGP_DIGESTS = ("SHA256", "SHA384", "SHA512")
+PGP_CIPHERS = ("AES128", "AES192", "AES256")
+PGP_COMPRESSIONS = ("none", "zip", "zlib")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+class KeyState(enum.Enum):
+    """A key's state, protocol.md section 8."""
+
+    ACTIVE = "active"
+    READ_ONLY = "read-only"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    id: str
+    file: Path
+    state: KeyState
+    place: str
+    passphrase_file: Path | None = None
+    passphrase_env: str | None = None
+    passphrase: str | None = field(default=None, repr=False, compare=False)
+    use: Literal["sig", "enc"] | None = None
+    not_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class KeysetConfig:
+    name: str
+    type: Scheme
+    keys: tuple[KeyConfig, ...]
+    place: str
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str
+    timeout_s: float = 30.0
+    ca: Path | None = None
+    proxy: str | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class PgpOptions:
+    armor: bool = False
+    base64_padding: bool = False
+    compression: Literal["none", "zip", "zlib"] = "none"
+    digest: str = "SHA384"
+    cipher: str = "AES256"
+
+
+@dataclass(frozen=True)
+class JoseOptions:
+    sign_alg: str = "RS256"
+    key_alg: str = "RSA-OAEP-256"
+    enc: str = "A256GCM"
+    accept_sign_algs: tuple[str, ...] = JWS_ALGS
+    accept_key_algs: tuple[str, ...] = JWE_KEY_ALGS
+    accept_encs: tuple[str, ...] = DEFAULT_JWE_ENCS
+    allow_zip: bool = False
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    direction: Direction
+    listen: ListenAddress
+    upstream: UpstreamConfig
+    own_keys: str
+    peer_keys: str
+    scheme: Scheme
+    place: str
+    allow_plaintext: bool = False
+    tls: ServerTls | None = None
+    pgp: PgpOptions = PgpOptions()
+    jose: JoseOptions = JoseOptions()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1048576
+    max_inflight: int | None = None
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 60.0
+    max_header_bytes: int = 16384
+    max_headers: int = 64
+
+    @property
+    def inflight(self) -> int:
+        """The in-flight cap in force: the configured one, else 64 per CPU core."""
+        return self.max_inflight if self.max_inflight is not None else 64 * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    keysets: Mapping[str, KeysetConfig]
+    routes: tuple[RouteConfig, ...]
+    admin_listen: ListenAddress = ListenAddress("127.0.0.1", 9090)
+    log_level: str = "info"
+    runtime_dir: Path = field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / f"gateway-{os.getuid()}"
+    )
+    reload_interval_s: float = 5.0
+    limits: Limits = Limits()
+    workers: int = 1
+    drain_delay_s: float = 0.0
+    shutdown_timeout_s: float = 30.0
+    warn_expiry_days: int = 30
+
+    def files(self) -> tuple[Path, ...]:
+        """Every file this configuration names (for reload's content hashes), config first."""
+        paths: list[Path] = [self.path]
+        for keyset in self.keysets.values():
+            for key in keyset.keys:
+                paths.append(key.file)
+                if key.passphrase_file:
+                    paths.append(key.passphrase_file)
+        for route in self.routes:
+            if route.tls:
+                paths += [route.tls.cert, route.tls.key]
+                if route.tls.client_ca:
+                    paths.append(route.tls.client_ca)
+            up = route.upstream
+            paths += [p for p in (up.ca, up.client_cert, up.client_key) if p]
+        return tuple(dict.fromkeys(paths))
+
+
+def files_digest(paths: tuple[Path, ...]) -> str:
+    """SHA-256 over the contents of `paths` (a missing file counts as its own state)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode() + b"\0")
+        try:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError as exc:
+            digest.update(f"missing:{exc.errno}".encode())
+    return digest.hexdigest()
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and check the YAML file at `path`. Raises ConfigError naming the place."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"'{path}' is not valid YAML{where}") from None
+    return parse_config(data, path, os.environ if environ is None else environ)
+
+
+def parse_config(data: Any, path: Path, environ: Mapping[str, str]) -> Config:
+    """Check already-parsed YAML data; relative paths resolve against `path`'s directory."""
+    reader = _Reader(path.parent, environ)
+    root = reader.mapping(data, "")
+    keysets_node = root.required("keysets")
+    keysets = {
+        name: _keyset(reader, name, node)
+        for name, node in reader.named_mapping(keysets_node, "keysets").items()
+    }
+    if not keysets:
+        raise ConfigError("keysets", "at least one keyset is required")
+    admin = reader.mapping(root.optional("admin", {}), "admin")
+    admin_listen = reader.listen(admin.optional("listen", "127.0.0.1:9090"), "admin.listen")
+    admin.finish()
+    reload_node = reader.mapping(root.optional("reload", {}), "reload")
+    reload_interval = reader.number(reload_node.optional("interval_s", 5), "reload.interval_s", 0)
+    reload_node.finish()
+    routes_node = root.required("routes")
+    if not isinstance(routes_node, list) or not routes_node:
+        raise ConfigError("routes", "a list of at least one route is required")
+    routes = tuple(
+        _route(reader, index, node, keysets) for index, node in enumerate(routes_node)
+    )
+    runtime = root.optional("runtime_dir", None)
+    config = Config(
+        path=path,
+        keysets=keysets,
+        routes=routes,
+        admin_listen=admin_listen,
+        log_level=reader.choice(root.optional("log_level", "info"), "log_level", LOG_LEVELS),
+        runtime_dir=(
+            reader.path(runtime, "runtime_dir", must_exist=False)
+            if runtime is not None
+            else Path(tempfile.gettempdir()) / f"gateway-{os.getuid()}"
+        ),
+        reload_interval_s=reload_interval,
+        limits=_limits(reader, root.optional("limits", {})),
+        workers=_workers(reader, root.optional("workers", 1)),
+        drain_delay_s=reader.number(root.optional("drain_delay_s", 0), "drain_delay_s", 0),
+        shutdown_timeout_s=reader.number(
+            root.optional("shutdown_timeout_s", 30), "shutdown_timeout_s", 0
+        ),
+        warn_expiry_days=int(
+            reader.number(root.optional("warn_expiry_days", 30), "warn_expiry_days", 0)
+        ),
+    )
+    root.finish()
+    _check_listeners(config)
+    return config
+
+
+def _keyset(reader: _Reader, name: str, node: Any) -> KeysetConfig:
+    place = f"keysets.{name}"
+    ks = reader.mapping(node, place)
+    kind = reader.choice(ks.required("type"), f"{place}.type", ("pgp", "jose"))
+    keys_node = ks.required("keys")
+    if not isinstance(keys_node, list) or not keys_node:
+        raise ConfigError(f"{place}.keys", "a list of at least one key is required")
+    keys = tuple(
+        _key(reader, f"{place}.keys[{i}]", item, kind) for i, item in enumerate(keys_node)
+    )
+    seen: set[str] = set()
+    for key in keys:
+        if key.id in seen:
+            raise ConfigError(f"{key.place}.id", f"duplicate key id '{key.id}' in keyset '{name}'")
+        seen.add(key.id)
+    ks.finish()
+    return KeysetConfig(name=name, type=kind, keys=keys, place=place)  # type: ignore[arg-type]
+
+
+_KEY_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+
+
+def _key(reader: _Reader, place: str, node: Any, kind: str) -> KeyConfig:
+    k = reader.mapping(node, place)
+    key_id = reader.string(k.required("id"), f"{place}.id")
+    if not _KEY_ID.match(key_id):
+        raise ConfigError(
+            f"{place}.id", f"'{key_id}' is not a valid key id (1-128 of A-Z a-z 0-9 . _ : @ + -)"
+        )
+    file = reader.path(k.required("file"), f"{place}.file")
+    state_text = reader.choice(
+        k.optional("state", "active"), f"{place}.state", tuple(s.value for s in KeyState)
+    )
+    passphrase_file_node = k.optional("passphrase_file", None)
+    passphrase_env_node = k.optional("passphrase_env", None)
+    if passphrase_file_node is not None and passphrase_env_node is not None:
+        raise ConfigError(place, "give passphrase_file or passphrase_env, not both")
+    passphrase: str | None = None
+    passphrase_file: Path | None = None
+    passphrase_env: str | None = None
+    if passphrase_file_node is not None:
+        passphrase_file = reader.path(passphrase_file_node, f"{place}.passphrase_file")
+        try:
+            passphrase = passphrase_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(
+                f"{place}.passphrase_file", f"cannot read '{passphrase_file_node}'"
+            ) from None
+        passphrase = passphrase.removesuffix("\n").removesuffix("\r")
+    if passphrase_env_node is not None:
+        passphrase_env = reader.string(passphrase_env_node, f"{place}.passphrase_env")
+        if passphrase_env not in reader.environ:
+            raise ConfigError(
+                f"{place}.passphrase_env", f"environment variable '{passphrase_env}' is not set"
+            )
+        passphrase = reader.environ[passphrase_env]
+    use_node = k.optional("use", None)
+    use = None if use_node is None else reader.choice(use_node, f"{place}.use", ("sig", "enc"))
+    if use is not None and kind != "jose":
+        raise ConfigError(f"{place}.use", "only jose keys have a 'use'")
+    not_after_node = k.optional("not_after", None)
+    not_after = (
+        None if not_after_node is None else _timestamp(not_after_node, f"{place}.not_after")
+    )
+    k.finish()
+    return KeyConfig(
+        id=key_id,
+        file=file,
+        state=KeyState(state_text),
+        place=place,
+        passphrase_file=passphrase_file,
+        passphrase_env=passphrase_env,
+        passphrase=passphrase,
+        use=use,  # type: ignore[arg-type]
+        not_after=not_after,
+    )
+
+
+def _timestamp(node: Any, place: str) -> datetime:
+    if isinstance(node, datetime):
+        value = node
+    elif isinstance(node, date):
+        value = datetime(node.year, node.month, node.day)
+    elif isinstance(node, str):
+        try:
+            value = datetime.fromisoformat(node.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(place, f"'{node}' is not an ISO-8601 date or date-time") from None
+    else:
+        raise ConfigError(place, "expected an ISO-8601 date or date-time")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _route(
+    reader: _Reader, index: int, node: Any, keysets: Mapping[str, KeysetConfig]
+) -> RouteConfig:
+    place = f"routes[{index}]"
+    r = reader.mapping(node, place)
+    name = reader.string(r.required("name"), f"{place}.name")
+    if not re.match(r"^[A-Za-z0-9._-]{1,64}$", name):
+        raise ConfigError(f"{place}.name", f"'{name}' must be 1-64 of A-Z a-z 0-9 . _ -")
+    direction = reader.choice(r.required("direction"), f"{place}.direction", ("inbound", "outbound"))
+    listen = reader.listen(r.required("listen"), f"{place}.listen")
+    allow_plaintext = reader.boolean(
+        r.optional("allow_plaintext", False), f"{place}.allow_plaintext"
+    )
+    tls_node = r.optional("tls", None)
+    tls = None if tls_node is None else _server_tls(reader, f"{place}.tls", tls_node)
+    if tls is None and not listen.is_loopback and not allow_plaintext:
+        raise ConfigError(
+            f"{place}.listen",
+            f"plain HTTP listener on non-loopback address '{listen}': add 'tls:' or set "
+            "'allow_plaintext: true'",
+        )
+    upstream = _upstream(reader, f"{place}.upstream", r.required("upstream"))
+    own = reader.string(r.required("own_keys"), f"{place}.own_keys")
+    peer = reader.string(r.required("peer_keys"), f"{place}.peer_keys")
+    for field_name, ref in (("own_keys", own), ("peer_keys", peer)):
+        if ref not in keysets:
+            raise ConfigError(
+                f"{place}.{field_name}",
+                f"no keyset named '{ref}' (keysets: {', '.join(sorted(keysets))})",
+            )
+    if own == peer:
+        raise ConfigError(f"{place}.peer_keys", "own_keys and peer_keys must be different keysets")
+    scheme = keysets[own].type
+    if keysets[peer].type != scheme:
+        raise ConfigError(
+            f"{place}.peer_keys",
+            f"keyset '{peer}' is {keysets[peer].type} but own_keys '{own}' is {scheme}; "
+            "both must have the same type",
+        )
+    pgp_node = r.optional("pgp", None)
+    jose_node = r.optional("jose", None)
+    if scheme == "pgp" and jose_node is not None:
+        raise ConfigError(f"{place}.jose", "this route's keysets are pgp: use a 'pgp:' block")
+    if scheme == "jose" and pgp_node is not None:
+        raise ConfigError(f"{place}.pgp", "this route's keysets are jose: use a 'jose:' block")
+    pgp = _pgp(reader, f"{place}.pgp", pgp_node) if pgp_node is not None else PgpOptions()
+    jose = _jose(reader, f"{place}.jose", jose_node) if jose_node is not None else JoseOptions()
+    r.finish()
+    return RouteConfig(
+        name=name,
+        direction=direction,  # type: ignore[arg-type]
+        listen=listen,
+        upstream=upstream,
+        own_keys=own,
+        peer_keys=peer,
+        scheme=scheme,
+        place=place,
+        allow_plaintext=allow_plaintext,
+        tls=tls,
+        pgp=pgp,
+        jose=jose,
+    )
+
+
+def _server_tls(reader: _Reader, place: str, node: Any) -> ServerTls:
+    t = reader.mapping(node, place)
+    ca = t.optional("client_ca", None)
+    tls = ServerTls(
+        cert=reader.path(t.required("cert"), f"{place}.cert"),
+        key=reader.path(t.required("key"), f"{place}.key"),
+        client_ca=None if ca is None else reader.path(ca, f"{place}.client_ca"),
+        min_version=reader.choice(
+            str(t.optional("min_version", "1.2")), f"{place}.min_version", TLS_VERSIONS
+        ),
+    )
+    t.finish()
+    return tls
+
+
+def _upstream(reader: _Reader, place: str, node: Any) -> UpstreamConfig:
+    u = reader.mapping(node, place)
+    url = reader.string(u.required("url"), f"{place}.url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{place}.url", f"'{url}' is not an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{place}.url", f"'{url}' must not have a query or fragment")
+    proxy = u.optional("proxy", None)
+    if proxy is not None:
+        proxy = reader.string(proxy, f"{place}.proxy")
+        pparts = urlsplit(proxy)
+        if pparts.scheme != "http" or not pparts.hostname:
+            raise ConfigError(f"{place}.proxy", f"'{proxy}' is not an http:// proxy URL")
+    ca = u.optional("ca", None)
+    cert = u.optional("client_cert", None)
+    key = u.optional("client_key", None)
+    if (cert is None) != (key is None):
+        raise ConfigError(place, "client_cert and client_key go together")
+    if parts.scheme == "http" and (ca is not None or cert is not None):
+        raise ConfigError(place, "ca, client_cert and client_key need an https:// url")
+    upstream = UpstreamConfig(
+        url=url.rstrip("/"),
+        timeout_s=reader.number(u.optional("timeout_s", 30), f"{place}.timeout_s", 0.001),
+        ca=None if ca is None else reader.path(ca, f"{place}.ca"),
+        proxy=proxy,
+        client_cert=None if cert is None else reader.path(cert, f"{place}.client_cert"),
+        client_key=None if key is None else reader.path(key, f"{place}.client_key"),
+    )
+    u.finish()
+    return upstream
+
+
+def _pgp(reader: _Reader, place: str, node: Any) -> PgpOptions:
+    p = reader.mapping(node, place)
+    options = PgpOptions(
+        armor=reader.boolean(p.optional("armor", False), f"{place}.armor"),
+        base64_padding=reader.boolean(
+            p.optional("base64_padding", False), f"{place}.base64_padding"
+        ),
+        compression=reader.choice(  # type: ignore[arg-type]
+            p.optional("compression", "none"), f"{place}.compression", PGP_COMPRESSIONS
+        ),
+        digest=reader.choice(p.optional("digest", "SHA384"), f"{place}.digest", PGP_DIGESTS),
+        cipher=reader.choice(p.optional("cipher", "AES256"), f"{place}.cipher", PGP_CIPHERS),
+    )
+    p.finish()
+    return options
+
+
+def _jose(reader: _Reader, place: str, node: Any) -> JoseOptions:
+    j = reader.mapping(node, place)
+    accept_key_choices = JWE_KEY_ALGS + JWE_LEGACY_KEY_ALGS
+    options = JoseOptions(
+        sign_alg=reader.choice(j.optional("sign_alg", "RS256"), f"{place}.sign_alg", JWS_ALGS),
+        key_alg=reader.choice(
+            j.optional("key_alg", "RSA-OAEP-256"), f"{place}.key_alg", JWE_KEY_ALGS
+        ),
+        enc=reader.choice(j.optional("enc", "A256GCM"), f"{place}.enc", JWE_ENCS),
+        accept_sign_algs=reader.choices(
+            j.optional("accept_sign_algs", list(JWS_ALGS)), f"{place}.accept_sign_algs", JWS_ALGS
+        ),
+        accept_key_algs=reader.choices(
+            j.optional("accept_key_algs", list(JWE_KEY_ALGS)),
+            f"{place}.accept_key_algs",
+            accept_key_choices,
+        ),
+        accept_encs=reader.choices(
+            j.optional("accept_encs", list(DEFAULT_JWE_ENCS)), f"{place}.accept_encs", JWE_ENCS
+        ),
+        allow_zip=reader.boolean(j.optional("allow_zip", False), f"{place}.allow_zip"),
+    )
+    j.finish()
+    return options
+
+
+def _limits(reader: _Reader, node: Any) -> Limits:
+    place = "limits"
+    m = reader.mapping(node, place)
+    inflight = m.optional("max_inflight", None)
+    limits = Limits(
+        max_body_bytes=reader.integer(
+            m.optional("max_body_bytes", 1048576), f"{place}.max_body_bytes", 1
+        ),
+        max_inflight=None if inflight is None else reader.integer(
+            inflight, f"{place}.max_inflight", 1
+        ),
+        max_connections=reader.integer(
+            m.optional("max_connections", 1024), f"{place}.max_connections", 1
+        ),
+        header_timeout_s=reader.number(
+            m.optional("header_timeout_s", 10), f"{place}.header_timeout_s", 0.001
+        ),
+        body_timeout_s=reader.number(
+            m.optional("body_timeout_s", 30), f"{place}.body_timeout_s", 0.001
+        ),
+        idle_timeout_s=reader.number(
+            m.optional("idle_timeout_s", 60), f"{place}.idle_timeout_s", 0.001
+        ),
+        max_header_bytes=reader.integer(
+            m.optional("max_header_bytes", 16384), f"{place}.max_header_bytes", 256
+        ),
+        max_headers=reader.integer(m.optional("max_headers", 64), f"{place}.max_headers", 1),
+    )
+    m.finish()
+    return limits
+
+
+def _workers(reader: _Reader, node: Any) -> int:
+    if node == "auto":
+        return os.cpu_count() or 1
+    return reader.integer(node, "workers", 1)
+
+
+def _check_listeners(config: Config) -> None:
+    seen: dict[tuple[str, int], str] = {(config.admin_listen.host, config.admin_listen.port): "admin"}
+    names: set[str] = set()
+    for route in config.routes:
+        if route.name in names:
+            raise ConfigError(f"{route.place}.name", f"duplicate route name '{route.name}'")
+        names.add(route.name)
+        key = (route.listen.host, route.listen.port)
+        if route.listen.port != 0 and key in seen:
+            raise ConfigError(
+                f"{route.place}.listen", f"'{route.listen}' is already used by {seen[key]}"
+            )
+        seen[key] = f"route '{route.name}'"
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Reader:
+    """Typed access to YAML nodes; substitutes ${ENV} and resolves relative paths."""
+
+    def __init__(self, base: Path, environ: Mapping[str, str]) -> None:
+        self.base = base
+        self.environ = environ
+
+    def mapping(self, node: Any, place: str) -> _Mapping:
+        if not isinstance(node, dict):
+            raise ConfigError(place or "(top level)", "expected a mapping")
+        return _Mapping(node, place)
+
+    def named_mapping(self, node: Any, place: str) -> dict[str, Any]:
+        if not isinstance(node, dict):
+            raise ConfigError(place, "expected a mapping of names")
+        for name in node:
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._-]{1,64}$", name):
+                raise ConfigError(f"{place}.{name}", "names are 1-64 of A-Z a-z 0-9 . _ -")
+        return node
+
+    def string(self, node: Any, place: str) -> str:
+        if not isinstance(node, str) or not node:
+            raise ConfigError(place, f"expected a non-empty string, found {_show(node)}")
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.environ:
+                raise ConfigError(place, f"environment variable '{name}' is not set")
+            return self.environ[name]
+
+        return _ENV.sub(substitute, node)
+
+    def choice(self, node: Any, place: str, allowed: tuple[str, ...]) -> str:
+        value = self.string(node, place)
+        if value not in allowed:
+            raise ConfigError(place, f"'{value}' is not one of: {', '.join(allowed)}")
+        return value
+
+    def choices(self, node: Any, place: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+        if not isinstance(node, list) or not node:
+            raise ConfigError(place, "expected a non-empty list")
+        return tuple(self.choice(item, f"{place}[{i}]", allowed) for i, item in enumerate(node))
+
+    def boolean(self, node: Any, place: str) -> bool:
+        if not isinstance(node, bool):
+            raise ConfigError(place, f"expected true or false, found {_show(node)}")
+        return node
+
+    def number(self, node: Any, place: str, minimum: float) -> float:
+        if isinstance(node, str):
+            node = self._numeric(node, place)
+        if isinstance(node, bool) or not isinstance(node, int | float) or node < minimum:
+            raise ConfigError(place, f"expected a number >= {minimum}, found {_show(node)}")
+        return float(node)
+
+    def integer(self, node: Any, place: str, minimum: int) -> int:
+        if isinstance(node, str):
+            node = self._numeric(node, place)
+        if isinstance(node, bool) or not isinstance(node, int) or node < minimum:
+            raise ConfigError(place, f"expected a whole number >= {minimum}, found {_show(node)}")
+        return node
+
+    def _numeric(self, node: str, place: str) -> Any:
+        text = self.string(node, place)
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    def path(self, node: Any, place: str, must_exist: bool = True) -> Path:
+        text = self.string(node, place)
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = self.base / path
+        if must_exist and not path.is_file():
+            raise ConfigError(place, f"no such file '{text}'")
+        return path
+
+    def listen(self, node: Any, place: str) -> ListenAddress:
+        text = self.string(node, place)
+        match = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+)):(\d{1,5})$", text)
+        if not match:
+            raise ConfigError(place, f"'{text}' is not host:port (IPv6 as [::1]:port)")
+        host = match.group(1) or match.group(2)
+        port = int(match.group(3))
+        if port > 65535:
+            raise ConfigError(place, f"port {port} is out of range")
+        if match.group(1):
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ConfigError(place, f"'{host}' is not an IPv6 address") from None
+        return ListenAddress(host, port)
+
+
+class _Mapping:
+    """One YAML mapping: remembers which fields were read so unknown ones are errors."""
+
+    _MISSING = object()
+
+    def __init__(self, data: dict[Any, Any], place: str) -> None:
+        self._data = data
+        self._place = place
+        self._read: set[str] = set()
+
+    def _at(self, name: str) -> str:
+        return f"{self._place}.{name}" if self._place else name
+
+    def required(self, name: str) -> Any:
+        self._read.add(name)
+        if name not in self._data or self._data[name] is None:
+            raise ConfigError(self._at(name), "is required")
+        return self._data[name]
+
+    def optional(self, name: str, default: Any) -> Any:
+        self._read.add(name)
+        value = self._data.get(name, default)
+        return default if value is None else value
+
+    def finish(self) -> None:
+        for name in self._data:
+            if name not in self._read:
+                allowed = ", ".join(sorted(self._read))
+                raise ConfigError(self._at(str(name)), f"unknown field (allowed here: {allowed})")
+
+
+def _show(node: Any) -> str:
+    if node is None:
+        return "nothing"
+    if isinstance(node, str):
+        return f"'{node}'"
+    return type(node).__name__ if isinstance(node, dict | list) else repr(node)
+
+
+def iter_keys(config: Config) -> Iterator[tuple[KeysetConfig, KeyConfig]]:
+    """Every (keyset, key) pair of the configuration, in file order."""
+    for keyset in config.keysets.values():
+        for key in keyset.keys:
+            yield keyset, key
+

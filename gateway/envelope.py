@@ -1,0 +1,62 @@
+"""The Envelope protocol: seal plaintext into what goes on the wire, open it back.
+
+An envelope holds one route's pair of keysets (ours and the peer's) and its scheme options.
+It does no I/O of its own besides what its crypto backend needs, and never sees HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.keys import Keyset
+
+CONTENT_TYPES = {
+    "pgp": "application/octet-stream; charset=utf-8",
+    "jose": "application/jose; charset=utf-8",
+}
+PLAINTEXT_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What seal() made: the wire body and the configured ids of the keys that did the work."""
+
+    body: bytes
+    signed_by: tuple[str, ...]
+    encrypted_to: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What open() found: the plaintext and the configured ids of the keys that did the work."""
+
+    plaintext: bytes
+    decrypted_by: tuple[str, ...]
+    verified_by: tuple[str, ...]
+
+
+class Envelope(Protocol):
+    """Seal and open for one route. Both methods block (CPU or a gpg subprocess): callers run
+    them in an executor. Both are safe to call from several threads at once."""
+
+    scheme: str
+    own: Keyset
+    peer: Keyset
+
+    @property
+    def content_type(self) -> str: ...
+
+    def seal(self, plaintext: bytes) -> Sealed:
+        """Sign with every active own key, encrypt to the active peer key(s).
+        Raises NoKeyError when nothing usable is left, TooLargeError over the size cap."""
+        ...
+
+    def open(self, body: bytes) -> Opened:
+        """Decode, decrypt with an enabled own key, verify with an enabled peer key.
+        Raises an EnvelopeError subclass, and nothing else, on any failure."""
+        ...
+
+    def close(self) -> None:
+        """Release what the envelope holds (GnuPG homes, agents). Idempotent."""
+        ...

@@ -1,0 +1,45 @@
+"""Shared fixtures: short private GnuPG homes under /tmp, keys generated once per session."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.jose_fixtures import *  # noqa: F403
+from tests.pgp_fixtures import *  # noqa: F403
+
+
+def kill_agents(root: Path) -> None:
+    """Stop every gpg-agent whose home lies below `root` (agents outlive their tests)."""
+    for sock in root.rglob("S.gpg-agent"):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(sock.parent), "--kill", "gpg-agent"],
+            check=False,
+            capture_output=True,
+            timeout=10,
+        )
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Iterator[Path]:
+    """A short directory under /tmp (GnuPG socket paths must stay under ~100 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="gwt-", dir="/tmp"))
+    root.chmod(0o700)
+    yield root
+    kill_agents(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def runtime_dir(session_tmp: Path) -> Iterator[Path]:
+    """A fresh private runtime_dir for one test; its gpg-agents are stopped afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="rt-", dir=session_tmp))
+    path.chmod(0o700)
+    yield path
+    kill_agents(path)
+    shutil.rmtree(path, ignore_errors=True)

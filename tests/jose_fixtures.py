@@ -1,0 +1,1 @@
+"""JOSE key files and panva jose as a peer (filled by the JOSE work)."""

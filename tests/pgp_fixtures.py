@@ -1,0 +1,1 @@
+"""PGP key files and the gpg command line as a peer (filled by the PGP work)."""
