@@ -109,3 +109,10 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamTooLarge(UpstreamError):
     reason = "too_large"
+
+
+class EngineError(GatewayError):
+    """The crypto engine itself failed (gpg timed out, crashed or misbehaved): not the message's
+    fault and not an answer to give the network in detail."""
+
+    reason: ClassVar[str] = "engine"
