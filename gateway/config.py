@@ -380,7 +380,9 @@ def _route(
     name = reader.string(r.required("name"), f"{place}.name")
     if not re.match(r"^[A-Za-z0-9._-]{1,64}$", name):
         raise ConfigError(f"{place}.name", f"'{name}' must be 1-64 of A-Z a-z 0-9 . _ -")
-    direction = reader.choice(r.required("direction"), f"{place}.direction", ("inbound", "outbound"))
+    direction = reader.choice(
+        r.required("direction"), f"{place}.direction", ("inbound", "outbound")
+    )
     listen = reader.listen(r.required("listen"), f"{place}.listen")
     allow_plaintext = reader.boolean(
         r.optional("allow_plaintext", False), f"{place}.allow_plaintext"
@@ -566,7 +568,8 @@ def _workers(reader: _Reader, node: Any) -> int:
 
 
 def _check_listeners(config: Config) -> None:
-    seen: dict[tuple[str, int], str] = {(config.admin_listen.host, config.admin_listen.port): "admin"}
+    admin = config.admin_listen
+    seen: dict[tuple[str, int], str] = {(admin.host, admin.port): "admin"}
     names: set[str] = set()
     for route in config.routes:
         if route.name in names:

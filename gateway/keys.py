@@ -128,8 +128,8 @@ def check_route_keysets(
         )
     if own.type == "jose":
         for keyset, cfg in ((own, own_config), (peer, peer_config)):
-            for use, can in (("sig", lambda k: k.can_sign), ("enc", lambda k: k.can_encrypt)):
-                active = [k.id for k in keyset.keys if k.active and can(k)]
+            for use, attribute in (("sig", "can_sign"), ("enc", "can_encrypt")):
+                active = [k.id for k in keyset.keys if k.active and getattr(k, attribute)]
                 if len(active) > 1:
                     raise ConfigError(
                         f"{cfg.place}.keys",
