@@ -16,9 +16,9 @@ from tests.pgp_fixtures import *  # noqa: F403
 
 def kill_agents(root: Path) -> None:
     """Stop every gpg-agent whose home lies below `root` (agents outlive their tests)."""
-    for sock in root.rglob("S.gpg-agent"):
+    for keys_dir in root.rglob("private-keys-v1.d"):
         subprocess.run(
-            ["gpgconf", "--homedir", str(sock.parent), "--kill", "gpg-agent"],
+            ["gpgconf", "--homedir", str(keys_dir.parent), "--kill", "gpg-agent"],
             check=False,
             capture_output=True,
             timeout=10,

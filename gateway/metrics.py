@@ -1,0 +1,64 @@
+"""Every metric of config.md, named once, registered on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Crypto runs from ~0.1 ms (JOSE at RSA-2048) to seconds (gpg under load).
+_CRYPTO_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The gateway's metrics. Label values come from the configuration, never from requests."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests_total", "Requests answered, by route, direction and HTTP status.",
+            ["route", "direction", "code"], registry=registry,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request start to answer.",
+            ["route", "direction"], buckets=_REQUEST_BUCKETS, registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Time spent on the upstream exchange.",
+            ["route"], buckets=_REQUEST_BUCKETS, registry=registry,
+        )
+        self.crypto_duration = Histogram(
+            "gateway_crypto_duration_seconds", "Time spent sealing or opening one message.",
+            ["route", "op"], buckets=_CRYPTO_BUCKETS, registry=registry,
+        )
+        self.crypto_failures = Counter(
+            "gateway_crypto_failures_total", "Messages that could not be sealed or opened.",
+            ["route", "op", "reason"], registry=registry,
+        )
+        self.key_uses = Counter(
+            "gateway_key_uses_total", "Uses of each key: sign, encrypt, decrypt, verify.",
+            ["keyset", "key_id", "op"], registry=registry,
+        )
+        self.key_expiry = Gauge(
+            "gateway_key_expiry_timestamp_seconds", "Expiry of each key that has one.",
+            ["keyset", "key_id"], registry=registry,
+        )
+        self.key_info = Gauge(
+            "gateway_key_info", "One per configured key.",
+            ["keyset", "key_id", "state", "fingerprint"], registry=registry,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads_total", "Configuration reload attempts.",
+            ["result"], registry=registry,
+        )
+        self.config_generation = Gauge(
+            "gateway_config_generation", "Generation of the configuration in service.",
+            registry=registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

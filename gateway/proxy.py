@@ -1,0 +1,343 @@
+"""The aiohttp handler: route -> limit -> open/seal -> forward -> seal/open -> answer, and the one
+table that maps errors to HTTP answers (protocol.md section 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from gateway.envelope import PLAINTEXT_CONTENT_TYPE, Opened, Sealed
+from gateway.errors import (
+    EngineError,
+    EnvelopeError,
+    GatewayError,
+    NoKeyError,
+    TooLargeError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.metrics import Metrics
+from gateway.snapshot import Current, RouteRuntime
+
+T = TypeVar("T")
+log = logging.getLogger("gateway.proxy")
+
+SERVER = "cards-qr-gateway"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9:_-]{1,100}$")
+
+# The local caller's error bodies (outbound): one fixed sentence per reason, no detail that
+# could carry payment data.
+_MESSAGES = {
+    "malformed": "The message is not in the expected format.",
+    "unknown_key": "The message is encrypted to none of our enabled keys.",
+    "decrypt": "The message could not be decrypted.",
+    "signature": "The message carries no good signature by an enabled peer key.",
+    "algorithm": "The message uses an algorithm outside the accepted lists.",
+    "no_key": "There is no usable active key to seal with.",
+    "too_large": "The body is larger than the configured limit.",
+    "upstream_unreachable": "The upstream could not be reached or gave no valid answer.",
+    "upstream_timeout": "The upstream did not answer in time.",
+    "overloaded": "Too many requests are in progress; retry later.",
+    "engine": "The crypto engine failed; see the gateway's log.",
+    "method": "Only POST is proxied.",
+}
+
+
+@dataclass
+class Failure(Exception):
+    """An answer decided by the failure table; `reason` goes to logs and metrics."""
+
+    status: int
+    reason: str
+    phase: str  # "request" or "response": which message failed
+    headers: dict[str, str] | None = None
+
+
+class _BodyTooLarge(Exception):
+    """A body (request or upstream answer) is over `limits.max_body_bytes`."""
+
+
+class Inflight:
+    """Counts requests in progress across every route of this process."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class Proxy:
+    """Handles every request of one route, with the snapshot in service at its start."""
+
+    def __init__(
+        self,
+        route_name: str,
+        current: Current,
+        session: aiohttp.ClientSession,
+        executor: Executor,
+        metrics: Metrics,
+        inflight: Inflight,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.route_name = route_name
+        self.current = current
+        self.session = session
+        self.executor = executor
+        self.metrics = metrics
+        self.inflight = inflight
+        self.draining = draining
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        with self.current.use() as snapshot:
+            route = snapshot.routes[self.route_name]
+            limits = snapshot.config.limits
+            direction = route.config.direction
+            record: dict[str, Any] = {"route": self.route_name, "direction": direction}
+            if request.method != "POST":
+                response = self._failure(route, Failure(405, "method", "request",
+                                                        {"Allow": "POST"}))
+            elif self.inflight.count >= limits.inflight:
+                response = self._failure(route, Failure(503, "overloaded", "request",
+                                                        {"Retry-After": "1"}))
+            else:
+                self.inflight.enter()
+                try:
+                    if direction == "inbound":
+                        response = await self._inbound(request, route, limits.max_body_bytes,
+                                                       record)
+                    else:
+                        response = await self._outbound(request, route, limits.max_body_bytes,
+                                                        record)
+                except Failure as failure:
+                    record["reason"] = failure.reason
+                    response = self._failure(route, failure)
+                finally:
+                    self.inflight.leave()
+            response.headers["Server"] = SERVER
+            if self.draining():
+                response.headers["Connection"] = "close"
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(self.route_name, direction, str(response.status)).inc()
+            self.metrics.request_duration.labels(self.route_name, direction).observe(elapsed)
+            record.update(status=response.status, duration_ms=round(elapsed * 1000, 2))
+            log.info("request", extra={"fields": record})
+            return response
+
+    async def _inbound(self, request: web.Request, route: RouteRuntime, cap: int,
+                       record: dict[str, Any]) -> web.Response:
+        body = await _read_request(request, cap)
+        opened = await self._open(route, body, record)
+        status, answer = await self._forward(
+            route, request, opened.plaintext, PLAINTEXT_CONTENT_TYPE, cap
+        )
+        if not answer:
+            return web.Response(status=status)
+        try:
+            sealed = await self._seal(route, answer, record, phase="response")
+        except Failure as failure:
+            if failure.reason == "no_key":
+                log.error("cannot seal the partner's answer: no usable active key; the partner "
+                          "has already processed the request",
+                          extra={"fields": {"route": self.route_name}})
+            raise
+        return web.Response(status=status, body=sealed.body,
+                            headers={"Content-Type": route.envelope.content_type})
+
+    async def _outbound(self, request: web.Request, route: RouteRuntime, cap: int,
+                        record: dict[str, Any]) -> web.Response:
+        body = await _read_request(request, cap)
+        record["request_id"] = await self._run(_request_id, body)
+        sealed = await self._seal(route, body, record, phase="request")
+        status, answer = await self._forward(
+            route, request, sealed.body, route.envelope.content_type, cap
+        )
+        if not answer:
+            return web.Response(status=status)
+        opened = await self._open(route, answer, record, phase="response")
+        return web.Response(status=status, body=opened.plaintext,
+                            headers={"Content-Type": PLAINTEXT_CONTENT_TYPE})
+
+    async def _open(self, route: RouteRuntime, body: bytes, record: dict[str, Any],
+                    phase: str = "request") -> Opened:
+        started = time.perf_counter()
+        try:
+            opened = await self._run(route.envelope.open, body)
+        except (EnvelopeError, EngineError) as exc:
+            self._crypto_failure(route, "open", exc)
+            raise Failure(_status_for(exc, route.config.direction, "open"), exc.reason,
+                          phase) from None
+        finally:
+            self.metrics.crypto_duration.labels(self.route_name, "open").observe(
+                time.perf_counter() - started)
+        for key_id in opened.decrypted_by:
+            self.metrics.key_uses.labels(route.config.own_keys, key_id, "decrypt").inc()
+        for key_id in opened.verified_by:
+            self.metrics.key_uses.labels(route.config.peer_keys, key_id, "verify").inc()
+        record.setdefault("key_ids", {}).update(
+            decrypted=list(opened.decrypted_by), verified=list(opened.verified_by))
+        if "request_id" not in record:
+            record["request_id"] = await self._run(_request_id, opened.plaintext)
+        return opened
+
+    async def _seal(self, route: RouteRuntime, plaintext: bytes, record: dict[str, Any],
+                    phase: str) -> Sealed:
+        started = time.perf_counter()
+        try:
+            sealed = await self._run(route.envelope.seal, plaintext)
+        except (EnvelopeError, EngineError) as exc:
+            self._crypto_failure(route, "seal", exc)
+            raise Failure(_status_for(exc, route.config.direction, "seal"), exc.reason,
+                          phase) from None
+        finally:
+            self.metrics.crypto_duration.labels(self.route_name, "seal").observe(
+                time.perf_counter() - started)
+        for key_id in sealed.signed_by:
+            self.metrics.key_uses.labels(route.config.own_keys, key_id, "sign").inc()
+        for key_id in sealed.encrypted_to:
+            self.metrics.key_uses.labels(route.config.peer_keys, key_id, "encrypt").inc()
+        record.setdefault("key_ids", {}).update(
+            signed=list(sealed.signed_by), encrypted=list(sealed.encrypted_to))
+        return sealed
+
+    async def _forward(self, route: RouteRuntime, request: web.Request, body: bytes,
+                       content_type: str, cap: int) -> tuple[int, bytes]:
+        """One upstream exchange, never retried. Returns (status, body of at most `cap`)."""
+        upstream = route.config.upstream
+        url = URL(upstream.url + request.raw_path, encoded=True)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(upstream.timeout_s):
+                async with self.session.post(
+                    url,
+                    data=body,
+                    headers={"Content-Type": content_type},
+                    ssl=route.client_ssl if route.client_ssl is not None else True,
+                    proxy=upstream.proxy,
+                    allow_redirects=False,
+                ) as response:
+                    if response.headers.get("Content-Encoding", "identity") != "identity":
+                        raise UpstreamUnreachable("upstream answered with a content encoding")
+                    answer = await _read_capped(response.content, response.content_length, cap)
+                    return response.status, answer
+        except _BodyTooLarge:
+            raise Failure(502, "too_large", "response") from None
+        except TimeoutError:
+            raise self._upstream_failure(UpstreamTimeout("timed out")) from None
+        except UpstreamError as exc:
+            raise self._upstream_failure(exc) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("upstream exchange failed",
+                        extra={"fields": {"route": self.route_name,
+                                          "error": type(exc).__name__}})
+            raise self._upstream_failure(UpstreamUnreachable(type(exc).__name__)) from None
+        finally:
+            self.metrics.upstream_duration.labels(self.route_name).observe(
+                time.perf_counter() - started)
+
+    def _upstream_failure(self, exc: UpstreamError) -> Failure:
+        status = 504 if isinstance(exc, UpstreamTimeout) else 502
+        return Failure(status, exc.reason, "response")
+
+    async def _run(self, function: Callable[[bytes], T], data: bytes) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, data)
+
+    def _crypto_failure(self, route: RouteRuntime, op: str, exc: GatewayError) -> None:
+        reason = exc.reason if isinstance(exc, EnvelopeError) else None
+        if reason is not None:
+            self.metrics.crypto_failures.labels(self.route_name, op, reason).inc()
+        # The message of our own errors never holds key material or plaintext (errors.py).
+        log.warning("crypto failure", extra={"fields": {
+            "route": self.route_name, "op": op, "reason": getattr(exc, "reason", "engine"),
+            "detail": str(exc)}})
+
+    def _failure(self, route: RouteRuntime, failure: Failure) -> web.Response:
+        headers = dict(failure.headers or {})
+        if route.config.direction == "inbound":
+            # Toward Google: empty and identical per row, whatever the cause (no oracle).
+            return web.Response(status=failure.status, headers=headers)
+        payload = {"error": failure.reason, "message": _MESSAGES[failure.reason]}
+        headers["Content-Type"] = "application/json; charset=utf-8"
+        return web.Response(status=failure.status, body=json.dumps(payload).encode(),
+                            headers=headers)
+
+
+def _status_for(exc: GatewayError, direction: str, op: str) -> int:
+    """The failure table of protocol.md section 5 for crypto errors."""
+    if isinstance(exc, EngineError):
+        return 500
+    assert isinstance(exc, EnvelopeError)
+    inbound = direction == "inbound"
+    if op == "open" and not inbound:
+        return 502  # Google's answer cannot be opened: never pass it on.
+    if op == "seal" and inbound:
+        # The partner's answer: too large -> 502, nothing to seal with -> 500.
+        return 502 if isinstance(exc, TooLargeError) else 500
+    if isinstance(exc, TooLargeError):
+        return 413
+    if isinstance(exc, NoKeyError):
+        return 500
+    return 401 if exc.layer == "signature" else 400
+
+
+async def _read_request(request: web.Request, cap: int) -> bytes:
+    try:
+        body = await _read_capped(request.content, request.content_length, cap)
+    except _BodyTooLarge:
+        raise Failure(413, "too_large", "request") from None
+    if not body:
+        raise Failure(400, "malformed", "request")
+    return body
+
+
+async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: int) -> bytes:
+    """Read a whole body, never buffering more than `cap` bytes. Raises _BodyTooLarge."""
+    if declared is not None and declared > cap:
+        raise _BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.read(min(65536, cap + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+
+
+def _request_id(plaintext: bytes) -> str | None:
+    """requestHeader.requestId of a JSON message, only if it has the documented shape."""
+    try:
+        message = json.loads(plaintext)
+    except ValueError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    header = message.get("requestHeader")
+    value = header.get("requestId") if isinstance(header, dict) else None
+    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None

@@ -1,0 +1,177 @@
+"""Build everything one configuration needs (keysets, envelopes, TLS contexts) as one snapshot;
+`Current` holds the snapshot in service and retires old ones when no request uses them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.config import Config, RouteConfig
+from gateway.envelope import Envelope
+from gateway.errors import ConfigError
+from gateway.jose import JoseEnvelope, load_jose_keyset
+from gateway.keys import Keyset, check_route_keysets
+from gateway.pgp import PgpEnvelope, load_pgp_keyset
+from gateway.tls import build_client_context, build_server_context
+
+
+@dataclass(frozen=True)
+class RouteRuntime:
+    config: RouteConfig
+    envelope: Envelope
+    server_ssl: ssl.SSLContext | None
+    client_ssl: ssl.SSLContext | None
+
+
+@dataclass
+class Snapshot:
+    """One configuration, fully loaded. Immutable once built; closed when retired."""
+
+    config: Config
+    generation: int
+    keysets: Mapping[str, Keyset]
+    routes: Mapping[str, RouteRuntime]
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def close(self) -> None:
+        """Release every envelope (GnuPG homes and their agents). Idempotent."""
+        for route in self.routes.values():
+            route.envelope.close()
+
+
+def build_snapshot(config: Config, generation: int, workdir: Path) -> Snapshot:
+    """Load every key (disabled ones too), check each route's keysets and build its envelope and
+    TLS contexts. Raises ConfigError naming the place; on failure nothing is left behind."""
+    keysets: dict[str, Keyset] = {}
+    routes: dict[str, RouteRuntime] = {}
+    scratch = workdir / f"s{generation}"
+    try:
+        for name, keyset_config in config.keysets.items():
+            if keyset_config.type == "pgp":
+                keysets[name] = load_pgp_keyset(keyset_config, scratch)
+            else:
+                keysets[name] = load_jose_keyset(keyset_config)
+        for index, route in enumerate(config.routes):
+            own, peer = keysets[route.own_keys], keysets[route.peer_keys]
+            check_route_keysets(own, peer, config.keysets[route.own_keys],
+                                config.keysets[route.peer_keys])
+            server_ssl = (
+                build_server_context(route.tls, f"{route.place}.tls") if route.tls else None
+            )
+            client_ssl = build_client_context(route.upstream, f"{route.place}.upstream")
+            envelope: Envelope
+            if route.scheme == "pgp":
+                envelope = PgpEnvelope(
+                    own, peer, route.pgp, workdir / f"g{generation}r{index}",
+                    max_plaintext_bytes=config.limits.max_body_bytes,
+                )
+            else:
+                envelope = JoseEnvelope(
+                    own, peer, route.jose, max_plaintext_bytes=config.limits.max_body_bytes
+                )
+            routes[route.name] = RouteRuntime(route, envelope, server_ssl, client_ssl)
+    except BaseException:
+        for runtime in routes.values():
+            runtime.envelope.close()
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Snapshot(config=config, generation=generation, keysets=keysets, routes=routes)
+
+
+class Current:
+    """The snapshot in service. Each request holds one snapshot from start to end; a replaced
+    snapshot is closed once its last request finishes. Used from the event loop thread only."""
+
+    def __init__(self, snapshot: Snapshot, retire: Callable[[Snapshot], None]) -> None:
+        self._snapshot = snapshot
+        self._users: dict[int, int] = {id(snapshot): 0}
+        self._retiring: dict[int, Snapshot] = {}
+        self._retire = retire
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Snapshot]:
+        snapshot = self._snapshot
+        key = id(snapshot)
+        self._users[key] += 1
+        try:
+            yield snapshot
+        finally:
+            self._users[key] -= 1
+            if self._users[key] == 0 and key in self._retiring:
+                self._finish(key)
+
+    def swap(self, new: Snapshot) -> Snapshot:
+        """Put `new` in service; the old one is retired when its last user is done."""
+        old = self._snapshot
+        self._snapshot = new
+        self._users[id(new)] = 0
+        self._retiring[id(old)] = old
+        if self._users[id(old)] == 0:
+            self._finish(id(old))
+        return old
+
+    def close(self) -> None:
+        """Retire everything, in service or not (process exit)."""
+        for key in list(self._retiring):
+            self._finish(key)
+        self._retire(self._snapshot)
+
+    def _finish(self, key: int) -> None:
+        snapshot = self._retiring.pop(key)
+        del self._users[key]
+        self._retire(snapshot)
+
+
+def prepare_runtime_dir(root: Path) -> Path:
+    """Make `root` (0700, ours) and a fresh private directory for this process below it; remove
+    directories left there by processes that no longer run, stopping their gpg-agents."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as exc:
+        raise ConfigError("runtime_dir", f"cannot create '{root}': {exc.strerror}") from None
+    if info.st_uid != os.getuid():
+        raise ConfigError("runtime_dir", f"'{root}' belongs to another user")
+    if info.st_mode & 0o077:
+        raise ConfigError("runtime_dir", f"'{root}' is readable by others; it must be 0700")
+    for entry in root.glob("p*-*"):
+        pid_text = entry.name[1:].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            stop_agents(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+    mine = root / f"p{os.getpid()}-{secrets.token_hex(3)}"
+    mine.mkdir(mode=0o700)
+    return mine
+
+
+def stop_agents(root: Path) -> None:
+    """Stop every gpg-agent whose home lies below `root`."""
+    # Sockets may live under /run/user rather than in the home: look for the homes themselves.
+    for keys_dir in root.rglob("private-keys-v1.d"):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(keys_dir.parent), "--kill", "gpg-agent"],
+            check=False, capture_output=True, timeout=10,
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

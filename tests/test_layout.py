@@ -1,0 +1,65 @@
+"""The house rules: dependencies point one way, each third-party library imported in one place."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
+
+# module -> the gateway modules it may import (app -> proxy -> snapshot -> pgp/jose/tls ->
+# envelope/keys -> config -> errors).
+ALLOWED = {
+    "errors": set(),
+    "config": {"errors"},
+    "keys": {"config", "errors"},
+    "envelope": {"keys"},
+    "pgp": {"config", "envelope", "errors", "keys"},
+    "jose": {"config", "envelope", "errors", "keys"},
+    "tls": {"config", "errors"},
+    "metrics": set(),
+    "logs": set(),
+    "snapshot": {"config", "envelope", "errors", "jose", "keys", "pgp", "tls"},
+    "proxy": {"envelope", "errors", "metrics", "snapshot"},
+    "app": {"config", "metrics", "proxy", "snapshot"},
+    "demo": {"app", "config", "envelope", "errors", "jose", "keys", "logs", "metrics", "pgp",
+             "snapshot"},
+    "__main__": {"app", "config", "demo", "errors", "logs", "snapshot"},
+    "__init__": set(),
+}
+THIRD_PARTY_HOME = {
+    "gnupg": {"pgp"},
+    "jwcrypto": {"jose"},
+    "yaml": {"config"},
+    "prometheus_client": {"metrics"},
+    "aiohttp": {"proxy", "app", "demo"},
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_every_module_is_in_the_map() -> None:
+    assert {p.stem for p in PACKAGE.glob("*.py")} == set(ALLOWED)
+
+
+def test_dependencies_point_one_way() -> None:
+    for path in PACKAGE.glob("*.py"):
+        internal = {n.split(".")[1] for n in imports_of(path)
+                    if n.startswith("gateway.") and n.count(".") >= 1}
+        assert internal <= ALLOWED[path.stem], f"{path.stem} imports {internal - ALLOWED[path.stem]}"
+
+
+def test_third_party_libraries_have_one_home() -> None:
+    for path in PACKAGE.glob("*.py"):
+        for name in imports_of(path):
+            top = name.split(".")[0]
+            if top in THIRD_PARTY_HOME:
+                assert path.stem in THIRD_PARTY_HOME[top], f"{path.stem} imports {top}"
