@@ -1,0 +1,84 @@
+"""tls.py: listener and upstream contexts from the configuration."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from gateway.config import ServerTls, UpstreamConfig
+from gateway.errors import ConfigError
+from gateway.tls import build_client_context, build_server_context, write_sandbox_certificates
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    paths = {"ca": base / "ca.pem", "cert": base / "cert.pem", "key": base / "key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    leaf.private_key_pem.write_to_path(str(paths["key"]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    (base / "junk.pem").write_text("not a certificate")
+    paths["junk"] = base / "junk.pem"
+    return paths
+
+
+def test_server_context_defaults(pki: dict[str, Path]) -> None:
+    ctx = build_server_context(ServerTls(cert=pki["cert"], key=pki["key"]), "routes[0].tls")
+    assert ctx.minimum_version is ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode is ssl.CERT_NONE
+    tls12 = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 == {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+                     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+                     "ECDHE-ECDSA-AES128-SHA256", "ECDHE-RSA-AES128-SHA256"}
+
+
+def test_server_context_tls13_and_client_ca(pki: dict[str, Path]) -> None:
+    tls = ServerTls(cert=pki["cert"], key=pki["key"], client_ca=pki["ca"], min_version="1.3")
+    ctx = build_server_context(tls, "routes[0].tls")
+    assert ctx.minimum_version is ssl.TLSVersion.TLSv1_3
+    assert ctx.verify_mode is ssl.CERT_REQUIRED
+
+
+def test_bad_certificate_names_its_place(pki: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_server_context(ServerTls(cert=pki["junk"], key=pki["key"]), "routes[1].tls")
+    assert info.value.place == "routes[1].tls.cert"
+    with pytest.raises(ConfigError) as info:
+        build_client_context(UpstreamConfig(url="https://g.example", ca=pki["junk"]),
+                             "routes[0].upstream")
+    assert info.value.place == "routes[0].upstream.ca"
+
+
+def test_client_context_pins_the_configured_ca(pki: dict[str, Path]) -> None:
+    assert build_client_context(UpstreamConfig(url="http://x"), "u") is None
+    system = build_client_context(UpstreamConfig(url="https://g.example"), "u")
+    pinned = build_client_context(UpstreamConfig(url="https://g.example", ca=pki["ca"]), "u")
+    assert system is not None and pinned is not None
+    assert pinned.check_hostname and pinned.verify_mode is ssl.CERT_REQUIRED
+    assert len(pinned.get_ca_certs()) == 1
+    assert pinned.minimum_version is ssl.TLSVersion.TLSv1_2
+
+
+def test_sandbox_certificates_verify_for_localhost(tmp_path: Path) -> None:
+    ca, cert, key = write_sandbox_certificates(tmp_path)
+    server = build_server_context(ServerTls(cert=cert, key=key), "t")
+    client = ssl.create_default_context(cafile=str(ca))
+    a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c_out, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_obj = client.wrap_bio(a, c_out, server_hostname="localhost")
+    server_obj = server.wrap_bio(b, s_out, server_side=True)
+    for _ in range(10):
+        for obj in (client_obj, server_obj):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        b.write(c_out.read())
+        a.write(s_out.read())
+    assert client_obj.version() in ("TLSv1.2", "TLSv1.3")
+    assert client_obj.getpeercert()["subject"] == ((("commonName", "localhost"),),)
