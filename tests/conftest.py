@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import pki  # noqa: F401
 from tests.jose_fixtures import *  # noqa: F403
 from tests.pgp_fixtures import *  # noqa: F403
 

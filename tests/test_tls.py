@@ -11,6 +11,7 @@ import trustme
 from gateway.config import ServerTls, UpstreamConfig
 from gateway.errors import ConfigError
 from gateway.tls import build_client_context, build_server_context, write_sandbox_certificates
+from tests.e2e import memory_handshake
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +69,6 @@ def test_sandbox_certificates_verify_for_localhost(tmp_path: Path) -> None:
     ca, cert, key = write_sandbox_certificates(tmp_path)
     server = build_server_context(ServerTls(cert=cert, key=key), "t")
     client = ssl.create_default_context(cafile=str(ca))
-    a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
-    c_out, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client_obj = client.wrap_bio(a, c_out, server_hostname="localhost")
-    server_obj = server.wrap_bio(b, s_out, server_side=True)
-    for _ in range(10):
-        for obj in (client_obj, server_obj):
-            try:
-                obj.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-        b.write(c_out.read())
-        a.write(s_out.read())
+    client_obj = memory_handshake(client, server)
     assert client_obj.version() in ("TLSv1.2", "TLSv1.3")
     assert client_obj.getpeercert()["subject"] == ((("commonName", "localhost"),),)

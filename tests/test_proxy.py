@@ -1,0 +1,512 @@
+"""proxy.py end to end: the real gateway on port 0 with real TLS, between a stand-in partner
+service and a stand-in Google that seals and opens with the gpg command line or panva's jose."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import warnings
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.app import Gateway
+from gateway.envelope import CONTENT_TYPES
+from tests.e2e import Pki, memory_handshake, running_gateway
+from tests.jose_fixtures import JoseKeys, NodeJose, craft_jwe
+from tests.peers import ConnectProxy, StandIn, echo_partner, json_answer, slow
+
+pytestmark = pytest.mark.e2e
+
+REQUEST = json.dumps({
+    "requestHeader": {"requestId": "req-0001", "requestTimestamp": {"epochMillis": "1"},
+                      "protocolVersion": {"major": 1}, "paymentIntegratorAccountId": "PIAID-1"},
+    "clientMessage": "ping",
+}).encode()
+ANSWER = b'{"responseHeader":{"responseTimestamp":{"epochMillis":"2"}},"serverMessage":"pong"}'
+PLAINTEXT_TYPE = "application/json; charset=utf-8"
+
+
+class Google(Protocol):
+    """The stand-in Google's crypto, done by an implementation that is not ours."""
+
+    scheme: str
+
+    def keysets(self, *, expiring_recipient: datetime | None = None) -> str: ...
+
+    def seal(self, plaintext: bytes, variant: str = "good") -> bytes: ...
+
+    def open(self, body: bytes) -> tuple[bytes, list[str]]: ...
+
+
+def rsa_public(keys: JoseKeys, name: str) -> rsa.RSAPublicKey:
+    key = keys.key(name)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key.public_key()
+
+
+class JoseGoogle:
+    """panva's jose as Google: signs with google-sig-a, encrypts to partner-enc-a."""
+
+    scheme = "jose"
+
+    def __init__(self, keys: JoseKeys, node: NodeJose) -> None:
+        self.keys = keys
+        self.node = node
+
+    def keysets(self, *, expiring_recipient: datetime | None = None) -> str:
+        k = self.keys
+        google_enc = f"{{id: google-enc-a, file: {k.public('google-enc-a')}}}"
+        google_sig = f"{{id: google-sig-a, file: {k.public('google-sig-a')}}}"
+        if expiring_recipient is not None:
+            google_enc = (f"{{id: google-enc-a, file: {k.public('google-enc-a')}, "
+                          f"not_after: '{expiring_recipient.isoformat()}'}}")
+        return f"""
+        keysets:
+          partner:
+            type: jose
+            keys:
+              - {{id: partner-sig-a, file: {k.private('partner-sig-a')}}}
+              - {{id: partner-enc-a, file: {k.private('partner-enc-a')}}}
+          google:
+            type: jose
+            keys:
+              - {google_sig}
+              - {google_enc}
+        """
+
+    def seal(self, plaintext: bytes, variant: str = "good") -> bytes:
+        k = self.keys
+        if variant == "unsigned":
+            return craft_jwe({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": "partner-enc-a"},
+                             plaintext, rsa_public(k, "partner-enc-a")).encode()
+        signer = "stranger-sig" if variant == "stranger_signer" else "google-sig-a"
+        recipient = "stranger-enc" if variant == "wrong_recipient" else "partner-enc-a"
+        return self.node.seal(plaintext, k.private(signer), "RS256", k.public(recipient))
+
+    def open(self, body: bytes) -> tuple[bytes, list[str]]:
+        k = self.keys
+        plaintext, jws_header, _ = self.node.open(body, k.private("google-enc-a"),
+                                                  [k.public("partner-sig-a")])
+        return plaintext, [str(jws_header["kid"])]
+
+
+@pytest.fixture(params=["jose"])
+def google(request: pytest.FixtureRequest, jose_keys: JoseKeys, node_jose: NodeJose) -> Google:
+    return JoseGoogle(jose_keys, node_jose)
+
+
+@pytest.fixture
+async def partner() -> AsyncIterator[StandIn]:
+    service = await StandIn(json_answer(ANSWER)).start()
+    yield service
+    await service.stop()
+
+
+def google_service(google: Google) -> StandIn:
+    """A stand-in Google that opens the partner's request and answers sealed."""
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        plaintext, _ = await asyncio.to_thread(google.open, body)
+        assert plaintext == REQUEST
+        sealed = await asyncio.to_thread(google.seal, ANSWER)
+        return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
+
+    return StandIn(handler)
+
+
+def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = "",
+           outbound_url: str = "", limits: str = "", tls_extra: str = "",
+           upstream_extra: str = "", timeout_s: float = 10,
+           expiring_recipient: datetime | None = None) -> str:
+    routes = []
+    if inbound_url:
+        routes.append(f"""
+          - name: in
+            direction: inbound
+            listen: "127.0.0.1:0"
+            tls: {{cert: {pki.cert}, key: {pki.key}{tls_extra}}}
+            upstream: {{url: "{inbound_url}", timeout_s: {timeout_s}}}
+            own_keys: partner
+            peer_keys: google""")
+    if outbound_url:
+        routes.append(f"""
+          - name: out
+            direction: outbound
+            listen: "127.0.0.1:0"
+            upstream: {{url: "{outbound_url}", timeout_s: {timeout_s}{upstream_extra}}}
+            own_keys: partner
+            peer_keys: google""")
+    return f"""
+        admin: {{listen: "127.0.0.1:0"}}
+        reload: {{interval_s: 0}}
+        runtime_dir: {runtime_dir}
+        {limits}
+        {google.keysets(expiring_recipient=expiring_recipient)}
+        routes:{"".join(routes)}
+    """
+
+
+async def post(gateway: Gateway, route: str, body: bytes, *, ctx: ssl.SSLContext | None = None,
+               path: str = "/cards-qr-v1/echo", method: str = "POST",
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    bound = gateway.routes[route]
+    scheme = "https" if ctx is not None else "http"
+    host = "localhost" if ctx is not None else "127.0.0.1"
+    async with aiohttp.ClientSession() as session, session.request(
+        method, f"{scheme}://{host}:{bound.port}{path}", data=body, ssl=ctx or False,
+        headers=headers or {},
+    ) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+# -- the happy paths ------------------------------------------------------------------------
+
+
+async def test_inbound_opens_forwards_plaintext_and_seals_the_answer(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url)
+    async with running_gateway(tmp_path, text) as gateway:
+        status, headers, body = await post(
+            gateway, "in", sealed, ctx=pki.client_context(), path="/cards-qr-v1/transfer",
+            headers={"Authorization": "Bearer secret", "Cookie": "a=b", "X-Trace": "t"})
+    assert status == 200
+    assert headers["Content-Type"] == CONTENT_TYPES[google.scheme]
+    plaintext, signers = await asyncio.to_thread(google.open, body)
+    assert plaintext == ANSWER
+    assert signers and all(s.startswith("partner") for s in signers)
+    [call] = partner.calls
+    assert call.path == "/cards-qr-v1/transfer"
+    assert call.body == REQUEST
+    assert call.headers["Content-Type"] == PLAINTEXT_TYPE
+    assert not {"Authorization", "Cookie", "X-Trace"} & set(call.headers)
+
+
+async def test_outbound_seals_the_request_and_opens_google_answer(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    service = google_service(google)
+    service.ssl_context = pki.server_context()
+    await service.start()
+    text = config(google, runtime_dir, pki, outbound_url=service.url + "/gsp",
+                  upstream_extra=f", ca: {pki.ca}")
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            status, headers, body = await post(
+                gateway, "out", REQUEST, path="/cards-qr-v1/echo/PIAID-1",
+                headers={"Authorization": "Bearer local", "Content-Type": "application/json"})
+    finally:
+        await service.stop()
+    assert (status, body) == (200, ANSWER)
+    assert headers["Content-Type"] == PLAINTEXT_TYPE
+    [call] = service.calls
+    assert call.path == "/gsp/cards-qr-v1/echo/PIAID-1"
+    assert call.headers["Content-Type"] == CONTENT_TYPES[google.scheme]
+    assert "Authorization" not in call.headers
+    assert REQUEST not in call.body
+
+
+async def test_partner_status_is_kept_and_empty_answers_stay_empty(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    partner = await StandIn(json_answer(b"", status=204)).start()
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    try:
+        async with running_gateway(tmp_path, config(google, runtime_dir, pki,
+                                                     inbound_url=partner.url)) as gateway:
+            status, _headers, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+            partner.handler = json_answer(ANSWER, status=404)
+            status404, _, body404 = await post(gateway, "in", sealed, ctx=pki.client_context())
+    finally:
+        await partner.stop()
+    assert (status, body) == (204, b"")
+    assert status404 == 404
+    assert (await asyncio.to_thread(google.open, body404))[0] == ANSWER
+
+
+# -- the failure table, inbound: empty bodies, the partner never called -------------------
+
+
+@pytest.mark.parametrize(("variant", "expected"), [
+    ("not_base64", 400),
+    ("garbage", 400),
+    ("empty", 400),
+    ("wrong_recipient", 400),
+    ("stranger_signer", 401),
+    ("unsigned", 401),
+])
+async def test_inbound_crypto_failures(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    variant: str, expected: int,
+) -> None:
+    if variant == "not_base64":
+        body = b"%%% not base64url and not a JWE %%%"
+    elif variant == "garbage":
+        body = b"QUJDREVGR0hJSktMTU5PUA.e30.e30.e30.e30"
+    elif variant == "empty":
+        body = b""
+    else:
+        body = await asyncio.to_thread(google.seal, REQUEST, variant)
+    async with running_gateway(tmp_path, config(google, runtime_dir, pki,
+                                                inbound_url=partner.url)) as gateway:
+        status, _headers, answer = await post(gateway, "in", body, ctx=pki.client_context())
+        metrics = gateway.metrics.render().decode()
+    assert (status, answer) == (expected, b"")
+    assert partner.calls == []
+    assert f'gateway_requests_total{{code="{expected}",direction="inbound",route="in"}} 1.0' \
+        in metrics
+
+
+async def test_inbound_body_over_the_limit_is_413(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits=f"limits: {{max_body_bytes: {len(sealed) - 1}}}")
+    async with running_gateway(tmp_path, text) as gateway:
+        status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+    assert (status, body) == (413, b"")
+    assert partner.calls == []
+
+
+async def test_inbound_partner_failures(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    partner = await StandIn(slow(3, json_answer(ANSWER))).start()
+    closed = await StandIn(json_answer(ANSWER)).start()
+    closed_url = closed.url
+    await closed.stop()
+    try:
+        text = config(google, runtime_dir, pki, inbound_url=partner.url, timeout_s=0.5,
+                      limits="limits: {max_body_bytes: 4096}")
+        async with running_gateway(tmp_path, text) as gateway:
+            timed_out = await post(gateway, "in", sealed, ctx=pki.client_context())
+            partner.handler = json_answer(b"x" * 5000)
+            too_large = await post(gateway, "in", sealed, ctx=pki.client_context())
+        assert len(partner.calls) == 2  # once each: never retried
+        text = config(google, runtime_dir, pki, inbound_url=closed_url)
+        async with running_gateway(tmp_path, text) as gateway:
+            refused = await post(gateway, "in", sealed, ctx=pki.client_context())
+    finally:
+        await partner.stop()
+    assert timed_out[0::2] == (504, b"")
+    assert too_large[0::2] == (502, b"")
+    assert refused[0::2] == (502, b"")
+
+
+async def test_non_post_is_405(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    async with running_gateway(tmp_path, config(google, runtime_dir, pki,
+                                                inbound_url=partner.url)) as gateway:
+        status, headers, body = await post(gateway, "in", b"", ctx=pki.client_context(),
+                                           method="GET")
+    assert (status, body, headers["Allow"]) == (405, b"", "POST")
+    assert partner.calls == []
+
+
+async def test_overload_is_503_with_retry_after(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    partner = await StandIn(slow(1.5, json_answer(ANSWER))).start()
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits="limits: {max_inflight: 1}")
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            first = asyncio.create_task(post(gateway, "in", sealed, ctx=pki.client_context()))
+            while not partner.calls:
+                await asyncio.sleep(0.02)
+            status, headers, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+            assert (await first)[0] == 200
+    finally:
+        await partner.stop()
+    assert (status, body, headers["Retry-After"]) == (503, b"", "1")
+    assert len(partner.calls) == 1
+
+
+async def test_inbound_answer_with_nothing_to_seal_is_500(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    expires = datetime.now(UTC) + timedelta(seconds=3)
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url, expiring_recipient=expires)
+    async with running_gateway(tmp_path, text) as gateway:
+        await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)
+        status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+    assert (status, body) == (500, b"")
+    assert len(partner.calls) == 1  # the partner processed it: the gateway logs an error
+
+
+# -- the failure table, outbound: JSON errors for the local caller --------------------------
+
+
+def error_of(body: bytes) -> str:
+    payload: dict[str, Any] = json.loads(body)
+    assert set(payload) == {"error", "message"}
+    return str(payload["error"])
+
+
+async def test_outbound_failures(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    service = StandIn(json_answer(ANSWER), ssl_context=pki.server_context())
+    await service.start()
+    try:
+        text = config(google, runtime_dir, pki, outbound_url=service.url, timeout_s=0.5,
+                      upstream_extra=f", ca: {pki.ca}", limits="limits: {max_body_bytes: 2048}")
+        async with running_gateway(tmp_path, text) as gateway:
+            # Google's answer is plaintext, not sealed: never passed on.
+            plain = await post(gateway, "out", REQUEST)
+            assert plain[0] == 502 and error_of(plain[2]) == "malformed"
+            assert ANSWER not in plain[2]
+            # Sealed to someone else.
+            wrong = await asyncio.to_thread(google.seal, ANSWER, "wrong_recipient")
+            service.handler = json_answer(wrong)
+            status, _, body = await post(gateway, "out", REQUEST)
+            assert status == 502 and error_of(body) in ("unknown_key", "decrypt")
+            # Signed by a stranger.
+            stranger = await asyncio.to_thread(google.seal, ANSWER, "stranger_signer")
+            service.handler = json_answer(stranger)
+            status, _, body = await post(gateway, "out", REQUEST)
+            assert (status, error_of(body)) == (502, "signature")
+            # Empty answer: status passed on, body empty.
+            service.handler = json_answer(b"", status=503)
+            assert (await post(gateway, "out", REQUEST))[0::2] == (503, b"")
+            # Too slow.
+            service.handler = slow(2, json_answer(ANSWER))
+            status, _, body = await post(gateway, "out", REQUEST)
+            assert (status, error_of(body)) == (504, "upstream_timeout")
+            # Our request over the limit, and empty.
+            status, _, body = await post(gateway, "out", b"{" + b" " * 3000 + b"}")
+            assert (status, error_of(body)) == (413, "too_large")
+            status, _, body = await post(gateway, "out", b"")
+            assert (status, error_of(body)) == (400, "malformed")
+            calls = len(service.calls)
+    finally:
+        await service.stop()
+    assert calls == 5
+    text = config(google, runtime_dir, pki, outbound_url=service.url,
+                  upstream_extra=f", ca: {pki.ca}")
+    async with running_gateway(tmp_path, text) as gateway:
+        status, _, body = await post(gateway, "out", REQUEST)
+    assert (status, error_of(body)) == (502, "upstream_unreachable")
+
+
+async def test_outbound_with_nothing_to_seal_is_500(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    service = await StandIn(echo_partner()).start()
+    expires = datetime.now(UTC) + timedelta(seconds=3)
+    text = config(google, runtime_dir, pki, outbound_url=service.url,
+                  expiring_recipient=expires)
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)
+            status, _, body = await post(gateway, "out", REQUEST)
+    finally:
+        await service.stop()
+    assert (status, error_of(body)) == (500, "no_key")
+    assert service.calls == []
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+async def test_tls_1_1_and_weak_ciphers_are_refused(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    async with running_gateway(tmp_path, config(google, runtime_dir, pki,
+                                                inbound_url=partner.url)) as gateway:
+        old = pki.client_context()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is, on purpose
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.set_ciphers("DEFAULT:@SECLEVEL=0")
+            permissive = pki.server_context()
+            permissive.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            permissive.set_ciphers("DEFAULT:@SECLEVEL=0")
+        # The client can speak TLS 1.1 (to a permissive server); the gateway refuses it.
+        assert memory_handshake(old, permissive).version() == "TLSv1.1"
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await post(gateway, "in", sealed, ctx=old)
+        weak = pki.client_context()
+        weak.maximum_version = ssl.TLSVersion.TLSv1_2
+        weak.set_ciphers("AES256-GCM-SHA384")  # RSA key exchange: not on Google's list
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await post(gateway, "in", sealed, ctx=weak)
+        tls12 = pki.client_context()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert (await post(gateway, "in", sealed, ctx=tls12))[0] == 200
+    assert len(partner.calls) == 1
+
+
+async def test_client_certificate_required_and_checked(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  tls_extra=f", client_ca: {pki.client_ca}")
+    async with running_gateway(tmp_path, text) as gateway:
+        for ctx in (pki.client_context(), pki.client_context(rogue=True)):
+            with pytest.raises((aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)):
+                await post(gateway, "in", sealed, ctx=ctx)
+        status, _, _ = await post(gateway, "in", sealed, ctx=pki.client_context(with_cert=True))
+    assert status == 200
+    assert len(partner.calls) == 1
+
+
+async def test_mutual_tls_toward_the_upstream_and_pinning(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    service = google_service(google)
+    service.ssl_context = pki.server_context(require_client=True)
+    await service.start()
+    try:
+        mtls = (f", ca: {pki.ca}, client_cert: {pki.client_cert}, "
+                f"client_key: {pki.client_key}")
+        text = config(google, runtime_dir, pki, outbound_url=service.url, upstream_extra=mtls)
+        async with running_gateway(tmp_path, text) as gateway:
+            assert (await post(gateway, "out", REQUEST))[0::2] == (200, ANSWER)
+        # Without a client certificate the upstream refuses; with a CA that did not sign the
+        # upstream's certificate, the gateway refuses.
+        for extra in (f", ca: {pki.ca}", f", ca: {pki.client_ca}, client_cert: "
+                      f"{pki.client_cert}, client_key: {pki.client_key}"):
+            text = config(google, runtime_dir, pki, outbound_url=service.url,
+                          upstream_extra=extra)
+            async with running_gateway(tmp_path, text) as gateway:
+                status, _, body = await post(gateway, "out", REQUEST)
+            assert (status, error_of(body)) == (502, "upstream_unreachable")
+    finally:
+        await service.stop()
+    assert len(service.calls) == 1
+
+
+async def test_outbound_through_an_egress_proxy(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    service = google_service(google)
+    service.ssl_context = pki.server_context()
+    await service.start()
+    proxy = await ConnectProxy().start()
+    try:
+        text = config(google, runtime_dir, pki, outbound_url=service.url,
+                      upstream_extra=f", ca: {pki.ca}, proxy: '{proxy.url}'")
+        async with running_gateway(tmp_path, text) as gateway:
+            assert (await post(gateway, "out", REQUEST))[0::2] == (200, ANSWER)
+    finally:
+        await proxy.stop()
+        await service.stop()
+    assert proxy.targets == [f"localhost:{service.port}"]
