@@ -10,92 +10,29 @@ import warnings
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.app import Gateway
 from gateway.envelope import CONTENT_TYPES
-from tests.e2e import Pki, memory_handshake, running_gateway
-from tests.jose_fixtures import JoseKeys, NodeJose, craft_jwe
+from tests.e2e import (
+    ANSWER,
+    PLAINTEXT_TYPE,
+    REQUEST,
+    Google,
+    JoseGoogle,
+    Pki,
+    config,
+    memory_handshake,
+    post,
+    running_gateway,
+)
+from tests.jose_fixtures import JoseKeys, NodeJose
 from tests.peers import ConnectProxy, StandIn, echo_partner, json_answer, slow
 
 pytestmark = pytest.mark.e2e
-
-REQUEST = json.dumps({
-    "requestHeader": {"requestId": "req-0001", "requestTimestamp": {"epochMillis": "1"},
-                      "protocolVersion": {"major": 1}, "paymentIntegratorAccountId": "PIAID-1"},
-    "clientMessage": "ping",
-}).encode()
-ANSWER = b'{"responseHeader":{"responseTimestamp":{"epochMillis":"2"}},"serverMessage":"pong"}'
-PLAINTEXT_TYPE = "application/json; charset=utf-8"
-
-
-class Google(Protocol):
-    """The stand-in Google's crypto, done by an implementation that is not ours."""
-
-    scheme: str
-
-    def keysets(self, *, expiring_recipient: datetime | None = None) -> str: ...
-
-    def seal(self, plaintext: bytes, variant: str = "good") -> bytes: ...
-
-    def open(self, body: bytes) -> tuple[bytes, list[str]]: ...
-
-
-def rsa_public(keys: JoseKeys, name: str) -> rsa.RSAPublicKey:
-    key = keys.key(name)
-    assert isinstance(key, rsa.RSAPrivateKey)
-    return key.public_key()
-
-
-class JoseGoogle:
-    """panva's jose as Google: signs with google-sig-a, encrypts to partner-enc-a."""
-
-    scheme = "jose"
-
-    def __init__(self, keys: JoseKeys, node: NodeJose) -> None:
-        self.keys = keys
-        self.node = node
-
-    def keysets(self, *, expiring_recipient: datetime | None = None) -> str:
-        k = self.keys
-        google_enc = f"{{id: google-enc-a, file: {k.public('google-enc-a')}}}"
-        google_sig = f"{{id: google-sig-a, file: {k.public('google-sig-a')}}}"
-        if expiring_recipient is not None:
-            google_enc = (f"{{id: google-enc-a, file: {k.public('google-enc-a')}, "
-                          f"not_after: '{expiring_recipient.isoformat()}'}}")
-        return f"""
-        keysets:
-          partner:
-            type: jose
-            keys:
-              - {{id: partner-sig-a, file: {k.private('partner-sig-a')}}}
-              - {{id: partner-enc-a, file: {k.private('partner-enc-a')}}}
-          google:
-            type: jose
-            keys:
-              - {google_sig}
-              - {google_enc}
-        """
-
-    def seal(self, plaintext: bytes, variant: str = "good") -> bytes:
-        k = self.keys
-        if variant == "unsigned":
-            return craft_jwe({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": "partner-enc-a"},
-                             plaintext, rsa_public(k, "partner-enc-a")).encode()
-        signer = "stranger-sig" if variant == "stranger_signer" else "google-sig-a"
-        recipient = "stranger-enc" if variant == "wrong_recipient" else "partner-enc-a"
-        return self.node.seal(plaintext, k.private(signer), "RS256", k.public(recipient))
-
-    def open(self, body: bytes) -> tuple[bytes, list[str]]:
-        k = self.keys
-        plaintext, jws_header, _ = self.node.open(body, k.private("google-enc-a"),
-                                                  [k.public("partner-sig-a")])
-        return plaintext, [str(jws_header["kid"])]
 
 
 @pytest.fixture(params=["jose"])
@@ -120,51 +57,6 @@ def google_service(google: Google) -> StandIn:
         return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
 
     return StandIn(handler)
-
-
-def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = "",
-           outbound_url: str = "", limits: str = "", tls_extra: str = "",
-           upstream_extra: str = "", timeout_s: float = 10,
-           expiring_recipient: datetime | None = None) -> str:
-    routes = []
-    if inbound_url:
-        routes.append(f"""
-          - name: in
-            direction: inbound
-            listen: "127.0.0.1:0"
-            tls: {{cert: {pki.cert}, key: {pki.key}{tls_extra}}}
-            upstream: {{url: "{inbound_url}", timeout_s: {timeout_s}}}
-            own_keys: partner
-            peer_keys: google""")
-    if outbound_url:
-        routes.append(f"""
-          - name: out
-            direction: outbound
-            listen: "127.0.0.1:0"
-            upstream: {{url: "{outbound_url}", timeout_s: {timeout_s}{upstream_extra}}}
-            own_keys: partner
-            peer_keys: google""")
-    return f"""
-        admin: {{listen: "127.0.0.1:0"}}
-        reload: {{interval_s: 0}}
-        runtime_dir: {runtime_dir}
-        {limits}
-        {google.keysets(expiring_recipient=expiring_recipient)}
-        routes:{"".join(routes)}
-    """
-
-
-async def post(gateway: Gateway, route: str, body: bytes, *, ctx: ssl.SSLContext | None = None,
-               path: str = "/cards-qr-v1/echo", method: str = "POST",
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    bound = gateway.routes[route]
-    scheme = "https" if ctx is not None else "http"
-    host = "localhost" if ctx is not None else "127.0.0.1"
-    async with aiohttp.ClientSession() as session, session.request(
-        method, f"{scheme}://{host}:{bound.port}{path}", data=body, ssl=ctx or False,
-        headers=headers or {},
-    ) as response:
-        return response.status, dict(response.headers), await response.read()
 
 
 # -- the happy paths ------------------------------------------------------------------------
