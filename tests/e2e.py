@@ -194,8 +194,11 @@ class JoseGoogle:
 def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = "",
            outbound_url: str = "", limits: str = "", tls_extra: str = "",
            upstream_extra: str = "", timeout_s: float = 10,
-           expiring_recipient: datetime | None = None) -> str:
+           expiring_recipient: datetime | None = None,
+           top: dict[str, object] | None = None) -> str:
+    """A config.yaml text; `limits` is a `limits: {...}` line, `top` more top-level fields."""
     routes = []
+    extra = "".join(f"\n        {name}: {value}" for name, value in (top or {}).items())
     if inbound_url:
         routes.append(f"""
           - name: in
@@ -217,7 +220,7 @@ def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = ""
         admin: {{listen: "127.0.0.1:0"}}
         reload: {{interval_s: 0}}
         runtime_dir: {runtime_dir}
-        {limits}
+        {limits}{extra}
         {google.keysets(expiring_recipient=expiring_recipient)}
         routes:{"".join(routes)}
     """

@@ -1,0 +1,156 @@
+"""app.py: admin endpoints and the drain, in process and as the real `run` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.app import Gateway
+from tests.e2e import ANSWER, REQUEST, JoseGoogle, Pki, config, post, running_gateway
+from tests.jose_fixtures import JoseKeys, NodeJose
+from tests.peers import StandIn, json_answer, slow
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def google(jose_keys: JoseKeys, node_jose: NodeJose) -> JoseGoogle:
+    return JoseGoogle(jose_keys, node_jose)
+
+
+@pytest.fixture
+async def slow_partner() -> AsyncIterator[StandIn]:
+    service = await StandIn(slow(1.5, json_answer(ANSWER))).start()
+    yield service
+    await service.stop()
+
+
+async def admin_get(gateway: Gateway, path: str) -> tuple[int, str]:
+    assert gateway.admin is not None
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://127.0.0.1:{gateway.admin.port}{path}"
+    ) as response:
+        return response.status, await response.text()
+
+
+async def test_admin_endpoints(google: JoseGoogle, runtime_dir: Path, pki: Pki,
+                               tmp_path: Path) -> None:
+    partner = await StandIn(json_answer(ANSWER)).start()
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    try:
+        text = config(google, runtime_dir, pki, inbound_url=partner.url)
+        async with running_gateway(tmp_path, text) as gateway:
+            assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
+            assert await admin_get(gateway, "/healthz") == (200, "ok\n")
+            assert await admin_get(gateway, "/readyz") == (200, "ready\n")
+            status, metrics = await admin_get(gateway, "/metrics")
+            _, status_text = await admin_get(gateway, "/status")
+    finally:
+        await partner.stop()
+    assert status == 200
+    assert 'gateway_requests_total{code="200",direction="inbound",route="in"} 1.0' in metrics
+    assert 'gateway_key_uses_total{key_id="partner-enc-a",keyset="partner",op="decrypt"} 1.0' \
+        in metrics
+    assert 'gateway_key_uses_total{key_id="google-sig-a",keyset="google",op="verify"} 1.0' \
+        in metrics
+    assert 'gateway_key_uses_total{key_id="google-enc-a",keyset="google",op="encrypt"} 1.0' \
+        in metrics
+    assert "gateway_config_generation 1.0" in metrics
+    state = json.loads(status_text)
+    assert state["generation"] == 1
+    ids = {k["id"]: k for k in state["keysets"]["partner"]}
+    assert set(ids) == {"partner-sig-a", "partner-enc-a"}
+    assert ids["partner-sig-a"]["capabilities"] == ["sign"]
+    assert '"d"' not in status_text and '"p"' not in status_text
+
+
+async def test_drain_finishes_requests_in_flight(
+    google: JoseGoogle, slow_partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=slow_partner.url,
+                  top={"drain_delay_s": 0.2, "shutdown_timeout_s": 5})
+    async with running_gateway(tmp_path, text) as gateway:
+        request = asyncio.create_task(post(gateway, "in", sealed, ctx=pki.client_context()))
+        while not slow_partner.calls:
+            await asyncio.sleep(0.02)
+        drain = asyncio.create_task(gateway.drain())
+        await asyncio.sleep(0.05)
+        assert (await admin_get(gateway, "/readyz"))[0] == 503
+        assert (await admin_get(gateway, "/healthz"))[0] == 200
+        status, headers, _ = await request
+        assert await drain == 0
+    assert status == 200
+    assert headers.get("Connection") == "close"
+
+
+async def test_drain_cut_off_by_the_timeout_returns_1(
+    google: JoseGoogle, slow_partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=slow_partner.url,
+                  top={"shutdown_timeout_s": 0.2})
+    async with running_gateway(tmp_path, text) as gateway:
+        request = asyncio.create_task(post(gateway, "in", sealed, ctx=pki.client_context()))
+        while not slow_partner.calls:
+            await asyncio.sleep(0.02)
+        assert await gateway.drain() == 1
+        with pytest.raises(aiohttp.ClientError):
+            await request
+
+
+async def read_listening(stderr: asyncio.StreamReader) -> dict[str, object]:
+    while line := await stderr.readline():
+        entry = json.loads(line)
+        if entry["event"] == "listening":
+            return dict(entry)
+    raise AssertionError("the gateway exited before listening")
+
+
+async def test_run_process_drains_on_sigterm(
+    google: JoseGoogle, slow_partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(config(google, runtime_dir, pki,
+                                           inbound_url=slow_partner.url)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    try:
+        listening = await asyncio.wait_for(read_listening(process.stderr), 30)
+        routes = listening["routes"]
+        assert isinstance(routes, dict)
+        port = int(str(routes["in"]).rsplit(":", 1)[1])
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(session.post(
+                f"https://localhost:{port}/cards-qr-v1/echo", data=sealed,
+                ssl=pki.client_context()))
+            while not slow_partner.calls:
+                await asyncio.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            response = await request
+            assert response.status == 200
+            body = await response.read()
+            response.release()
+        remaining = await process.stderr.read()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert (await asyncio.to_thread(google.open, body))[0] == ANSWER
+    events = [json.loads(line)["event"] for line in remaining.splitlines()]
+    assert "draining" in events
+    assert b"4111" not in remaining and REQUEST not in remaining
