@@ -1,0 +1,85 @@
+"""__main__.py: the commands' exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import JoseGoogle, Pki, config
+from tests.jose_fixtures import JoseKeys, NodeJose
+
+
+def gateway(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def config_file(jose_keys: JoseKeys, node_jose: NodeJose, runtime_dir: Path, pki: Pki,
+                tmp_path: Path) -> Path:
+    text = config(JoseGoogle(jose_keys, node_jose), runtime_dir, pki,
+                  inbound_url="http://127.0.0.1:3000", outbound_url="https://localhost:4000")
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_check_valid_config_prints_routes_and_keys(config_file: Path,
+                                                   jose_keys: JoseKeys) -> None:
+    result = gateway("check", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "valid" in out
+    assert "route  in: inbound jose" in out and "route  out: outbound jose" in out
+    for key_id in ("partner-sig-a", "partner-enc-a", "google-sig-a", "google-enc-a"):
+        assert key_id in out
+    assert "expires never" in out
+    assert jose_keys.jwk("partner-sig-a")["d"] not in out
+
+
+def test_check_invalid_config_names_the_place(config_file: Path) -> None:
+    text = config_file.read_text().replace("partner-enc-a.jwk", "missing.jwk")
+    config_file.write_text(text)
+    result = gateway("check", "--config", str(config_file))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: keysets.partner.keys[1].file: no such file")
+
+
+def test_check_semantic_error(config_file: Path, jose_keys: JoseKeys) -> None:
+    # A private key among the peer's keys does not belong there.
+    text = config_file.read_text().replace(str(jose_keys.public("google-sig-a")),
+                                           str(jose_keys.private("google-sig-a")))
+    config_file.write_text(text)
+    result = gateway("check", "--config", str(config_file))
+    assert result.returncode == 1
+    assert "keysets.google.keys[0].file" in result.stderr
+    assert "private key" in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert gateway().returncode == 2
+    assert gateway("check").returncode == 2
+    assert gateway("launch").returncode == 2
+
+
+def test_run_with_invalid_config_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("keysets: {}\n")
+    result = gateway("run", "--config", str(path))
+    assert result.returncode == 1
+    assert "error: keysets" in result.stderr
+
+
+def test_demo_runs_to_completion() -> None:
+    result = gateway("demo", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "every exchange succeeded" in result.stdout
+    for banner in ("PGP inbound echo", "PGP inbound transfer", "JOSE inbound transfer",
+                   "PGP outbound echo", "JOSE outbound echo"):
+        assert banner in result.stdout
+    assert "4111111111111111" not in result.stdout + result.stderr
+    assert "************1111" in result.stdout

@@ -1,0 +1,81 @@
+"""snapshot.py: one configuration per request, retired when unused; the runtime directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import Config
+from gateway.errors import ConfigError
+from gateway.snapshot import Current, Snapshot, prepare_runtime_dir
+
+
+def snapshot(generation: int) -> Snapshot:
+    return Snapshot(config=Config(path=Path("/x"), keysets={}, routes=()),
+                    generation=generation, keysets={}, routes={})
+
+
+def test_requests_keep_their_snapshot_and_old_ones_retire_when_unused() -> None:
+    retired: list[int] = []
+    current = Current(snapshot(1), lambda s: retired.append(s.generation))
+    with current.use() as first:
+        current.swap(snapshot(2))
+        assert first.generation == 1
+        assert current.snapshot.generation == 2
+        assert retired == []  # still in use by the request that started on it
+        with current.use() as second:
+            assert second.generation == 2
+    assert retired == [1]
+    current.swap(snapshot(3))  # unused: retired at once
+    assert retired == [1, 2]
+    current.close()
+    assert retired == [1, 2, 3]
+
+
+def test_runtime_dir_is_private_and_stale_homes_are_removed(tmp_path: Path) -> None:
+    root = tmp_path / "rt"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = root / f"p{dead.pid}-abcdef"
+    (stale / "g1r0").mkdir(parents=True)
+    root.chmod(0o700)
+    live = root / f"p{os.getppid()}-123456"
+    live.mkdir()
+    mine = prepare_runtime_dir(root)
+    assert mine.parent == root and mine.name.startswith(f"p{os.getpid()}-")
+    assert oct(mine.stat().st_mode & 0o777) == "0o700"
+    assert not stale.exists()
+    assert live.exists()
+
+
+def test_runtime_dir_readable_by_others_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "open"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    with pytest.raises(ConfigError) as info:
+        prepare_runtime_dir(root)
+    assert info.value.place == "runtime_dir"
+
+
+def test_build_failure_leaves_nothing_behind(jose_keys: Any, runtime_dir: Path,
+                                             tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.snapshot import build_snapshot
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+keysets:
+  partner: {{type: jose, keys: [{{id: partner-sig-a, file: {jose_keys.private('partner-sig-a')}}},
+                                {{id: partner-enc-a, file: {jose_keys.private('partner-enc-a')}}}]}}
+  google: {{type: jose, keys: [{{id: google-sig-a, file: {jose_keys.public('google-sig-a')}}}]}}
+routes:
+  - {{name: r, direction: inbound, listen: "127.0.0.1:0", upstream: {{url: "http://x"}},
+     own_keys: partner, peer_keys: google}}
+""")
+    with pytest.raises(ConfigError, match="no active, unexpired key that can be encrypted to"):
+        build_snapshot(load_config(path), 1, runtime_dir)
+    assert list(runtime_dir.iterdir()) == []
