@@ -1,1 +1,359 @@
-"""PGP key files and the gpg command line as a peer (filled by the PGP work)."""
+"""PGP key files made once per session with the gpg command line, and gpg as the other party."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import KeyConfig, KeysetConfig, KeyState
+
+__all__ = [
+    "PGP_KEY_NAMES",
+    "GpgOpened",
+    "GpgPeer",
+    "GpgPeerError",
+    "PgpKeys",
+    "b64url",
+    "gpg_peer",
+    "pgp_keys",
+    "pgp_keyset_config",
+    "unb64url",
+]
+
+DAY = 86400
+# name -> (RSA bits, passphrase or None). Every key: RSA primary (sign, certify) + RSA encryption
+# subkey, created ten days ago (so that messages can be dated in the past), valid for one year.
+_KEYS: dict[str, tuple[int, str | None]] = {
+    "partner-a": (2048, None),
+    "partner-b": (2048, None),
+    "google-a": (2048, None),
+    "google-b": (2048, None),
+    "stranger": (2048, None),
+    "partner-pw": (2048, "correct horse battery"),
+    "partner-pw2": (2048, "pässwört zwei"),
+    "partner-3k": (3072, None),
+}
+# Created three days ago, expired two days ago; it was valid at EXPIRED_KEY_VALID_AT.
+EXPIRED = "google-expired"
+PGP_KEY_NAMES = (*_KEYS, EXPIRED)
+
+
+def b64url(data: bytes, padded: bool = False) -> bytes:
+    encoded = base64.urlsafe_b64encode(data)
+    return encoded if padded else encoded.rstrip(b"=")
+
+
+def unb64url(body: bytes) -> bytes:
+    text = body.strip().rstrip(b"=")
+    return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+
+
+def _status_lines(stderr: bytes) -> list[list[str]]:
+    return [
+        line[len("[GNUPG:] "):].split()
+        for line in stderr.decode("utf-8", "replace").splitlines()
+        if line.startswith("[GNUPG:] ")
+    ]
+
+
+def _gpg(home: Path, *args: str, stdin: bytes = b"", check: bool = True,
+         ) -> subprocess.CompletedProcess[bytes]:
+    done = subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--no-tty", "--status-fd", "2",
+         "--pinentry-mode", "loopback", "--trust-model", "always", *args],
+        input=stdin, capture_output=True, timeout=120, check=False,
+    )
+    if check and done.returncode != 0:
+        raise GpgPeerError(f"gpg {' '.join(args[:3])} failed: {done.stderr.decode()[-2000:]}")
+    return done
+
+
+def _agent(home: Path, command: str) -> None:
+    subprocess.run(["gpgconf", "--homedir", str(home), command, "gpg-agent"],
+                   capture_output=True, timeout=30, check=False)
+
+
+def _preset_program() -> str:
+    libexec = subprocess.run(["gpgconf", "--list-dirs", "libexecdir"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.strip()
+    return f"{libexec}/gpg-preset-passphrase"
+
+
+def _new_home(home: Path, s2k_count: int | None = None) -> None:
+    home.mkdir(mode=0o700, parents=True)
+    (home / "gpg-agent.conf").write_text(
+        "allow-preset-passphrase\ndefault-cache-ttl 315360000\nmax-cache-ttl 315360000\n"
+        + (f"s2k-count {s2k_count}\n" if s2k_count else "")
+    )
+    _agent(home, "--launch")
+
+
+class GpgPeerError(AssertionError):
+    """The gpg command line refused something a test expected it to do."""
+
+
+@dataclass
+class PgpKeys:
+    """The session's key files: `<name>.sec.asc`, `<name>.pub.asc`, `<name>.pass` in `dir`."""
+
+    dir: Path
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    passphrases: dict[str, str | None] = field(default_factory=dict)
+    expired_key_valid_at: int = 0  # a Unix time at which EXPIRED was valid
+
+    def sec(self, name: str) -> Path:
+        return self.dir / f"{name}.sec.asc"
+
+    def pub(self, name: str) -> Path:
+        return self.dir / f"{name}.pub.asc"
+
+    def fingerprint(self, name: str) -> str:
+        return self.fingerprints[name]
+
+    def passphrase(self, name: str) -> str | None:
+        return self.passphrases[name]
+
+    def passphrase_file(self, name: str) -> Path | None:
+        """A file holding the passphrase and a trailing newline, or None for an open key."""
+        return None if self.passphrases[name] is None else self.dir / f"{name}.pass"
+
+    def name_of(self, fingerprint: str) -> str:
+        return next(n for n, f in self.fingerprints.items() if f == fingerprint)
+
+    def key_config(
+        self, name: str, kind: str, state: str | KeyState, place: str, key_id: str | None = None
+    ) -> KeyConfig:
+        """One configured key: `kind` "sec" (with its passphrase) or "pub"."""
+        secret = kind == "sec"
+        return KeyConfig(
+            id=key_id or name,
+            file=self.sec(name) if secret else self.pub(name),
+            state=KeyState(state),
+            place=place,
+            passphrase_file=self.passphrase_file(name) if secret else None,
+            passphrase=self.passphrases[name] if secret else None,
+        )
+
+    def keyset_config(
+        self, keyset: str, entries: Sequence[tuple[str, str, str | KeyState]]
+    ) -> KeysetConfig:
+        """A pgp KeysetConfig from (key name, "sec"|"pub", state); key ids are the names."""
+        return KeysetConfig(
+            name=keyset,
+            type="pgp",
+            place=f"keysets.{keyset}",
+            keys=tuple(
+                self.key_config(name, kind, state, f"keysets.{keyset}.keys[{i}]")
+                for i, (name, kind, state) in enumerate(entries)
+            ),
+        )
+
+    def keyset_yaml(self, entries: Sequence[tuple[str, str, str | KeyState]]) -> dict[str, Any]:
+        """The same keyset as a config.yaml mapping (absolute paths, passphrase_file)."""
+        keys: list[dict[str, Any]] = []
+        for name, kind, state in entries:
+            key: dict[str, Any] = {
+                "id": name,
+                "file": str(self.sec(name) if kind == "sec" else self.pub(name)),
+                "state": KeyState(state).value,
+            }
+            passphrase_file = self.passphrase_file(name)
+            if kind == "sec" and passphrase_file is not None:
+                key["passphrase_file"] = str(passphrase_file)
+            keys.append(key)
+        return {"type": "pgp", "keys": keys}
+
+
+def _generate(home: Path, name: str, bits: int, passphrase: str | None, created: int,
+              expire: str) -> str:
+    protection = f"Passphrase: {passphrase}" if passphrase is not None else "%no-protection"
+    params = (
+        f"Key-Type: RSA\nKey-Length: {bits}\nKey-Usage: sign\n"
+        f"Subkey-Type: RSA\nSubkey-Length: {bits}\nSubkey-Usage: encrypt\n"
+        f"Name-Real: {name}\nName-Email: {name}@example.test\nExpire-Date: {expire}\n"
+        f"{protection}\n%commit\n"
+    )
+    done = _gpg(home, "--faked-system-time", str(created), "--gen-key", stdin=params.encode())
+    return next(s[2] for s in _status_lines(done.stderr) if s[:2] == ["KEY_CREATED", "B"])
+
+
+def _make_key(keys: PgpKeys, name: str, bits: int, passphrase: str | None, created: int,
+              expire: str) -> None:
+    home = keys.dir / "gen" / name
+    _new_home(home, s2k_count=65536)  # the least protection work: fast tests
+    try:
+        fingerprint = _generate(home, name, bits, passphrase, created, expire)
+        keys.pub(name).write_bytes(_gpg(home, "--armor", "--export", fingerprint).stdout)
+        keys.sec(name).write_bytes(_gpg(
+            home, "--passphrase", passphrase or "", "--armor", "--export-secret-keys", fingerprint,
+        ).stdout)
+    finally:
+        _agent(home, "--kill")
+    keys.fingerprints[name] = fingerprint
+    keys.passphrases[name] = passphrase
+    if passphrase is not None:
+        (keys.dir / f"{name}.pass").write_text(passphrase + "\n", encoding="utf-8")
+
+
+def make_pgp_keys(directory: Path) -> PgpKeys:
+    """Generate every key of PGP_KEY_NAMES with gpg and export it armored into `directory`."""
+    directory.mkdir(mode=0o700, parents=True)
+    keys = PgpKeys(dir=directory)
+    now = int(time.time())
+    plan = [(name, bits, pw, now - 10 * DAY, "1y") for name, (bits, pw) in _KEYS.items()]
+    plan.append((EXPIRED, 2048, None, now - 3 * DAY, "1d"))
+    keys.expired_key_valid_at = now - 3 * DAY + 3600
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for future in [pool.submit(_make_key, keys, *item) for item in plan]:
+            future.result()
+    shutil.rmtree(directory / "gen", ignore_errors=True)
+    return keys
+
+
+@dataclass(frozen=True)
+class GpgOpened:
+    """What gpg made of a message: plaintext and facts from its status lines."""
+
+    plaintext: bytes
+    signers: list[str]  # primary fingerprints of good signatures
+    hashes: list[str]  # hash algorithm ids of the good signatures (RFC 4880 9.4)
+    cipher: str  # symmetric algorithm id (9 = AES256)
+    mdc: str  # "0" = no integrity protection
+    recipients: list[str]  # ENC_TO key ids
+    status: list[list[str]]
+
+
+class GpgPeer:
+    """The other party played by the real gpg command line in its own GNUPGHOME, holding the
+    secret keys of `names` (default: every session key), passphrases preset in its agent.
+    Thread-safe (every call is one gpg process)."""
+
+    def __init__(self, keys: PgpKeys, home: Path, names: Iterable[str] | None = None) -> None:
+        self.keys = keys
+        self.home = home
+        _new_home(home)
+        for name in PGP_KEY_NAMES if names is None else names:
+            _gpg(home, "--import", str(keys.sec(name)))
+            passphrase = keys.passphrase(name)
+            if passphrase is None:
+                continue
+            listing = _gpg(home, "--with-colons", "--with-keygrip", "--list-secret-keys",
+                           keys.fingerprint(name)).stdout.decode()
+            for line in listing.splitlines():
+                if line.startswith("grp:"):
+                    subprocess.run(
+                        [_preset_program(), "--preset", line.split(":")[9]],
+                        input=passphrase.encode() + b"\n", env={"GNUPGHOME": str(home)},
+                        capture_output=True, timeout=30, check=True,
+                    )
+
+    def gpg(self, *args: str, stdin: bytes = b"", check: bool = True,
+            ) -> subprocess.CompletedProcess[bytes]:
+        """Run gpg in this peer's home (batch, loopback pinentry, status lines on stderr)."""
+        return _gpg(self.home, *args, stdin=stdin, check=check)
+
+    def seal(
+        self,
+        plaintext: bytes,
+        sign_with: Sequence[str] = (),
+        encrypt_to: Sequence[str] = (),
+        *,
+        armor: bool = False,
+        compress: str | None = None,
+        digest: str = "SHA384",
+        cipher: str = "AES256",
+        padded: bool = False,
+        symmetric: str | None = None,
+        at: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> bytes:
+        """What gpg makes of `plaintext`, base64url-encoded: signed by the keys named in
+        `sign_with`, encrypted to those in `encrypt_to` (or with the passphrase `symmetric`).
+        `compress` None keeps gpg's default (ZLIB); "none", "zip", "zlib", "bzip2" force one.
+        `at` (Unix time) dates the message with --faked-system-time."""
+        args: list[str] = []
+        if at is not None:
+            args += ["--faked-system-time", str(at)]
+        if sign_with:
+            args += ["--sign", "--digest-algo", digest]
+            args += [a for name in sign_with for a in ("--local-user", self.keys.fingerprint(name))]
+        if encrypt_to:
+            args += ["--encrypt", "--cipher-algo", cipher]
+            args += [a for name in encrypt_to for a in ("--recipient", self.keys.fingerprint(name))]
+        if symmetric is not None:
+            args += ["--symmetric", "--cipher-algo", cipher, "--passphrase", symmetric]
+        if not (sign_with or encrypt_to or symmetric is not None):
+            args.append("--store")
+        if compress is not None:
+            args += ["--compress-algo", compress]
+        if armor:
+            args.append("--armor")
+        return b64url(self.gpg(*args, *extra_args, stdin=plaintext).stdout, padded)
+
+    def open_details(self, body: bytes) -> GpgOpened:
+        """Decrypt and verify with gpg; raises GpgPeerError unless gpg decrypted it cleanly."""
+        done = self.gpg("--decrypt", stdin=unb64url(body), check=False)
+        status = _status_lines(done.stderr)
+        words = {s[0] for s in status}
+        if not {"DECRYPTION_OKAY", "GOODMDC"} <= words or "DECRYPTION_FAILED" in words:
+            raise GpgPeerError(f"gpg could not decrypt: {[s[0] for s in status]}")
+        signers: list[str] = []
+        hashes: list[str] = []
+        good = False
+        for s in status:
+            if s[0] == "NEWSIG":
+                good = False
+            elif s[0] == "GOODSIG":
+                good = True
+            elif s[0] == "VALIDSIG" and good:
+                signers.append(s[10] if len(s) > 10 else s[1])
+                hashes.append(s[8])
+        info = next(s for s in status if s[0] == "DECRYPTION_INFO")
+        return GpgOpened(
+            plaintext=done.stdout,
+            signers=signers,
+            hashes=hashes,
+            cipher=info[2],
+            mdc=info[1],
+            recipients=[s[1] for s in status if s[0] == "ENC_TO"],
+            status=status,
+        )
+
+    def open(self, body: bytes) -> tuple[bytes, list[str]]:
+        """Plaintext and the primary fingerprints of its good signatures, as gpg sees them."""
+        opened = self.open_details(body)
+        return opened.plaintext, opened.signers
+
+    def close(self) -> None:
+        _agent(self.home, "--kill")
+
+
+@pytest.fixture(scope="session")
+def pgp_keys(session_tmp: Path) -> PgpKeys:
+    """Every key of PGP_KEY_NAMES, generated once per session."""
+    return make_pgp_keys(session_tmp / "pk")
+
+
+@pytest.fixture(scope="session")
+def gpg_peer(pgp_keys: PgpKeys, session_tmp: Path) -> Iterator[GpgPeer]:
+    """gpg holding every session key (secret parts too): plays Google or the partner."""
+    peer = GpgPeer(pgp_keys, session_tmp / "gp")
+    yield peer
+    peer.close()
+
+
+@pytest.fixture(scope="session")
+def pgp_keyset_config(
+    pgp_keys: PgpKeys,
+) -> Callable[[str, Sequence[tuple[str, str, str | KeyState]]], KeysetConfig]:
+    """pgp_keyset_config(name, [(key name, "sec"|"pub", state), ...]) -> KeysetConfig."""
+    return pgp_keys.keyset_config

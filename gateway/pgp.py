@@ -1,0 +1,681 @@
+"""PGP envelope over python-gnupg: sign with every active own key, encrypt to every active peer key.
+
+The only module that imports gnupg. Each envelope owns a private GNUPGHOME holding exactly the
+enabled keys; what a message is and who signed it is decided from gpg's status lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import gnupg
+
+from gateway.config import KeyConfig, KeysetConfig, PgpOptions
+from gateway.envelope import CONTENT_TYPES, Opened, Sealed
+from gateway.errors import (
+    AlgorithmError,
+    ConfigError,
+    DecryptError,
+    EngineError,
+    MalformedError,
+    NoKeyError,
+    SignatureError,
+    TooLargeError,
+    UnknownKeyError,
+)
+from gateway.keys import Key, Keyset, utcnow
+
+__all__ = ["PgpEnvelope", "load_pgp_keyset"]
+
+# Security: python-gnupg's own log repeats gpg's stderr (user ids, key ids) and every routine
+# failure; we report through the gateway's errors instead.
+logging.getLogger("gnupg").setLevel(logging.CRITICAL)
+
+ACCEPTED_HASHES = {"8": "SHA256", "9": "SHA384", "10": "SHA512"}  # RFC 4880 9.4
+ACCEPTED_CIPHERS = {"7": "AES128", "8": "AES192", "9": "AES256"}  # RFC 4880 9.2
+_RSA_ALGOS = {"1", "2", "3"}  # RFC 4880 9.1
+_ALGO_NAMES = {"16": "ELG", "17": "DSA", "18": "ECDH", "19": "ECDSA", "22": "EdDSA"}
+MIN_RSA_BITS = 2048
+
+# Every gpg call runs in a private home with these: trust is decided by fingerprint here, gpg
+# never asks a human, never fetches keys, never keeps a symmetric passphrase.
+_OPTIONS = [
+    "--no-options",
+    "--pinentry-mode", "loopback",
+    "--trust-model", "always",
+    "--no-auto-check-trustdb",
+    "--no-auto-key-retrieve",
+    "--no-auto-key-import",
+    "--no-auto-key-locate",
+    "--no-symkey-cache",
+    "--no-random-seed-file",
+    "--no-greeting",
+]
+# s2k-count: the agent re-protects imported secret keys with this work factor and pays it again
+# on every use; the calibrated default (~100 ms+) per protected key per message is too slow for a
+# gateway, and the copy lives only in this private home whose passphrase is in the agent anyway.
+_AGENT_CONF = (
+    "allow-preset-passphrase\n"
+    "s2k-count 1048576\n"
+    "allow-loopback-pinentry\n"
+    "default-cache-ttl 315360000\n"
+    "max-cache-ttl 315360000\n"
+)
+_MAX_OUTPUT_HIT = re.compile(r"^gpg: error writing to .*: exceeded --max-output limit$", re.M)
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
+_PASSPHRASE_STATUSES = {"BAD_PASSPHRASE", "MISSING_PASSPHRASE", "INQUIRE_MAXLEN"}
+
+
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[None]:
+    """The one place where gnupg and subprocess failures become the gateway's EngineError."""
+    try:
+        yield
+    except subprocess.TimeoutExpired:
+        raise EngineError("a GnuPG tool timed out") from None
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise EngineError(f"GnuPG could not be run ({type(exc).__name__})") from exc
+
+
+def _env(home: Path) -> dict[str, str]:
+    # LC_ALL=C: the one gpg message we read from stderr (--max-output) must not be translated.
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "GNUPGHOME": str(home),
+        "LC_ALL": "C",
+        "LANGUAGE": "C",
+    }
+
+
+class _Status(gnupg.StatusHandler):  # type: ignore[misc]
+    """Every status line of one gpg call, in order, plus its stdout and stderr."""
+
+    def __init__(self, gpg: Any) -> None:
+        super().__init__(gpg)
+        self.lines: list[tuple[str, list[str]]] = []
+        self.data = b""
+        self.stderr = ""
+        self.returncode: int | None = None
+
+    def handle_status(self, key: str, value: str) -> None:
+        self.lines.append((key, value.split()))
+
+    def has(self, *keywords: str) -> bool:
+        return any(key in keywords for key, _ in self.lines)
+
+    def values(self, keyword: str) -> list[list[str]]:
+        return [value for key, value in self.lines if key == keyword]
+
+    def index(self, keyword: str, default: int) -> int:
+        return next((i for i, (key, _) in enumerate(self.lines) if key == keyword), default)
+
+
+class _Watchdog:
+    """Kills one gpg process at its deadline; finish() reaps it whatever happened."""
+
+    def __init__(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+        self.process = process
+        self.fired = False
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.fired = True
+        self.process.kill()
+
+    def finish(self) -> bool:
+        """Stop the timer, make sure the process is gone and its pipes closed; True if it
+        had to be killed at the deadline."""
+        self._timer.cancel()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        return self.fired
+
+
+class _Gpg(gnupg.GPG):  # type: ignore[misc]
+    """python-gnupg bound to one home, with a deadline on every gpg process it starts.
+
+    Thread-safe: each call has its own status object, and the watchdog of the process a thread
+    started is kept in thread-local storage."""
+
+    def __init__(self, home: Path, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        with _engine_errors(), self._deadline():
+            super().__init__(gnupghome=str(home), options=_OPTIONS, env=_env(home))
+
+    def _open_subprocess(self, args: Any, passphrase: Any = False) -> Any:
+        process = super()._open_subprocess(args, passphrase)
+        self._local.watchdog = _Watchdog(process, self.timeout_s)
+        return process
+
+    @contextlib.contextmanager
+    def _deadline(self) -> Iterator[None]:
+        self._local.watchdog = None
+        try:
+            yield
+        finally:
+            watchdog: _Watchdog | None = self._local.watchdog
+            self._local.watchdog = None
+            if watchdog is not None and watchdog.finish():
+                raise EngineError(f"gpg did not finish within {self.timeout_s:g} s")
+
+    def run(self, args: Sequence[str], data: bytes = b"") -> _Status:
+        """Run gpg with `args` on `data` (stdin); gpg's refusals are in the returned status.
+        Raises EngineError when gpg cannot run or misses its deadline."""
+        status = _Status(self)
+        # A BrokenPipeError means gpg stopped reading its input; its status lines say why.
+        with _engine_errors(), self._deadline(), contextlib.suppress(BrokenPipeError):
+            self._handle_io(list(args), io.BytesIO(data), status, binary=True)
+        return status
+
+
+def _tool(args: Sequence[str], home: Path, timeout_s: float, stdin: bytes = b"") -> None:
+    """Run a GnuPG helper (gpgconf, gpg-preset-passphrase). Raises EngineError if it fails."""
+    with _engine_errors():
+        done = subprocess.run(
+            list(args), input=stdin, capture_output=True, env=_env(home), timeout=timeout_s,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise EngineError(f"{Path(args[0]).name} failed with exit status {done.returncode}")
+
+
+@cache
+def _preset_program() -> str:
+    with _engine_errors():
+        done = subprocess.run(
+            ["gpgconf", "--list-dirs", "libexecdir"], capture_output=True, text=True,
+            timeout=10, check=True,
+        )
+    return str(Path(done.stdout.strip()) / "gpg-preset-passphrase")
+
+
+def _create_home(home: Path) -> None:
+    """Create `home` (0700; it must not exist yet) with an agent that takes preset passphrases."""
+    with _engine_errors():
+        home.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        home.mkdir(mode=0o700)
+        home.chmod(0o700)
+        (home / "gpg-agent.conf").write_text(_AGENT_CONF)
+
+
+def _start(home: Path, timeout_s: float) -> _Gpg:
+    """Start the home's agent and bind python-gnupg to the home."""
+    # The agent is started here, not by a gpg call: a gpg killed at its deadline must not be
+    # the parent holding the agent's pipes.
+    _tool(["gpgconf", "--homedir", str(home), "--launch", "gpg-agent"], home, timeout_s)
+    return _Gpg(home, timeout_s)
+
+
+def _remove_home(home: Path) -> None:
+    """Stop the home's agent and delete the home; never raises."""
+    if home.exists():
+        with contextlib.suppress(EngineError):
+            _tool(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], home, 10.0)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _preset(home: Path, keygrips: Sequence[str], passphrase: str, timeout_s: float) -> None:
+    for keygrip in keygrips:
+        _tool(
+            [_preset_program(), "--preset", keygrip], home, timeout_s,
+            stdin=passphrase.encode("utf-8") + b"\n",
+        )
+
+
+def _import(gpg: _Gpg, data: bytes) -> list[str]:
+    """Import key data; return the primary fingerprints gpg reports, in order, once each."""
+    status = gpg.run(["--import", "--import-options", "import-minimal"], data)
+    return list(dict.fromkeys(v[1] for v in status.values("IMPORT_OK") if len(v) > 1))
+
+
+# Loading keys.
+
+
+@dataclass(frozen=True)
+class _Material:
+    """What the envelope needs of a key later. Never shown."""
+
+    public: bytes
+    secret: bytes | None
+    keygrips: tuple[str, ...]  # of the parts whose secret we hold
+    keyids: frozenset[str]  # long key ids and fingerprints of every part
+    passphrase: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Part:
+    """One primary key or subkey from gpg's colon listing."""
+
+    validity: str
+    bits: int
+    algo: str
+    keyid: str
+    created: datetime
+    expires: datetime | None
+    caps: str
+    fingerprint: str = ""
+    keygrip: str = ""
+    secret: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.validity not in ("r", "i", "n")
+
+
+def _timestamp(text: str) -> datetime | None:
+    return datetime.fromtimestamp(int(text), UTC) if text.isdigit() and int(text) else None
+
+
+def _parse_listing(text: str) -> list[_Part]:
+    parts: list[_Part] = []
+    for line in text.splitlines():
+        f = line.split(":")
+        if f[0] in ("pub", "sub", "sec", "ssb") and len(f) > 11:
+            parts.append(_Part(
+                validity=f[1], bits=int(f[2] or 0), algo=f[3], keyid=f[4].upper(),
+                created=_timestamp(f[5]) or datetime.fromtimestamp(0, UTC),
+                expires=_timestamp(f[6]), caps=f[11],
+                secret=f[0] in ("sec", "ssb") and len(f) > 14 and f[14] == "+",
+            ))
+        elif f[0] == "fpr" and parts and not parts[-1].fingerprint and len(f) > 9:
+            parts[-1].fingerprint = f[9].upper()
+        elif f[0] == "grp" and parts and not parts[-1].keygrip and len(f) > 9:
+            parts[-1].keygrip = f[9].upper()
+    return parts
+
+
+def _pick(parts: list[_Part], cap: str, now: datetime, need_secret: bool) -> _Part | None:
+    """The part gpg uses for `cap` ('s' or 'e'): the newest usable one, unexpired if any."""
+    able = [p for p in parts if cap in p.caps and p.usable and (p.secret or not need_secret)]
+    live = [p for p in able if p.expires is None or p.expires > now]
+    pool = live or able
+    return max(pool, key=lambda p: p.created) if pool else None
+
+
+def load_pgp_keyset(config: KeysetConfig, workdir: Path, *, timeout_s: float = 10.0) -> Keyset:
+    """Parse every key of a pgp keyset, disabled ones too, into Key objects.
+
+    Each key file must hold exactly one RSA key (>= 2048 bits in every part); a secret key's
+    passphrase must open it. `workdir` is a short scratch directory: temporary GnuPG homes are
+    made below it and removed, their agents stopped, before returning. Raises ConfigError naming
+    the key's place, or EngineError when gpg itself fails.
+    """
+    if config.type != "pgp":
+        raise ConfigError(f"{config.place}.type", "expected a pgp keyset")
+    with _engine_errors():
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="k", dir=workdir))
+    try:
+        keys = tuple(
+            _load_key(key, scratch / str(i), timeout_s) for i, key in enumerate(config.keys)
+        )
+    finally:
+        for home in scratch.iterdir():
+            _remove_home(home)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Keyset(name=config.name, type="pgp", keys=keys)
+
+
+def _load_key(config: KeyConfig, home: Path, timeout_s: float) -> Key:
+    place = f"{config.place}.file"
+    try:
+        data = config.file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(place, f"cannot read '{config.file}': {exc.strerror}") from None
+    _create_home(home)
+    gpg = _start(home, timeout_s)
+    primaries = _import(gpg, data)
+    if not primaries:
+        raise ConfigError(place, f"'{config.file.name}' holds no OpenPGP key")
+    if len(primaries) > 1:
+        raise ConfigError(
+            place, f"'{config.file.name}' holds {len(primaries)} primary keys; give one per file"
+        )
+    fingerprint = primaries[0]
+    parts = _parse_listing(gpg.run(["--list-keys", "--with-keygrip", fingerprint]).data.decode())
+    if not parts or parts[0].fingerprint != fingerprint:
+        raise ConfigError(place, f"'{config.file.name}' holds no usable OpenPGP key")
+    secret_listing = gpg.run(["--list-secret-keys", "--with-keygrip", fingerprint]).data.decode()
+    secret = {p.fingerprint for p in _parse_listing(secret_listing) if p.secret}
+    for part in parts:
+        part.secret = part.fingerprint in secret
+    primary = parts[0]
+    if not primary.usable:
+        raise ConfigError(place, f"key {fingerprint} is revoked or invalid")
+    for part in (p for p in parts if p.usable):
+        if part.algo not in _RSA_ALGOS or part.bits < MIN_RSA_BITS:
+            name = "RSA" if part.algo in _RSA_ALGOS else _ALGO_NAMES.get(part.algo, "unknown")
+            found = f"{name}-{part.bits}"
+            raise ConfigError(
+                place,
+                f"key {fingerprint} has a {found} part; only RSA keys of at least "
+                f"{MIN_RSA_BITS} bits are accepted",
+            )
+    private = bool(secret)
+    now = utcnow()
+    signing = _pick(parts, "s", now, need_secret=private)
+    encryption = _pick(parts, "e", now, need_secret=private)
+    not_after = config.not_after
+    if not_after is not None and not_after.tzinfo is None:
+        not_after = not_after.replace(tzinfo=UTC)
+    expiries = [p.expires for p in (primary, signing, encryption) if p is not None]
+    expires = min((e for e in [*expiries, not_after] if e is not None), default=None)
+    public = gpg.run(["--export", fingerprint]).data
+    if private:
+        _check_secret(gpg, config, home, parts, signing, encryption, timeout_s)
+    return Key(
+        id=config.id,
+        state=config.state,
+        fingerprint=fingerprint,
+        private=private,
+        can_sign=signing is not None,
+        can_encrypt=encryption is not None,
+        algorithm=f"RSA-{primary.bits}",
+        expires=expires,
+        place=config.place,
+        material=_Material(
+            public=public,
+            secret=data if private else None,
+            keygrips=tuple(p.keygrip for p in parts if p.secret and p.keygrip),
+            keyids=frozenset(p.keyid for p in parts) | {p.fingerprint for p in parts},
+            passphrase=config.passphrase,
+        ),
+    )
+
+
+def _check_secret(
+    gpg: _Gpg,
+    config: KeyConfig,
+    home: Path,
+    parts: list[_Part],
+    signing: _Part | None,
+    encryption: _Part | None,
+    timeout_s: float,
+) -> None:
+    """Sign and decrypt once through the agent, with the passphrase preset exactly as the
+    envelope will do it. Raises ConfigError if the passphrase is missing or wrong."""
+    if config.passphrase is not None:
+        _preset(home, [p.keygrip for p in parts if p.secret and p.keygrip], config.passphrase,
+                timeout_s)
+    fingerprint = parts[0].fingerprint
+    # An expired key may still decrypt: make the probe message at a time when it was valid.
+    used = [p for p in (signing, encryption) if p is not None]
+    newest = max(p.created for p in used) if used else parts[0].created
+    at = ["--faked-system-time", str(int(newest.timestamp()) + 1)]
+    failed: _Status | None = None
+    if signing is not None:
+        status = gpg.run([*at, "--sign", "--local-user", fingerprint], b"probe")
+        if not status.has("SIG_CREATED"):
+            failed = status
+    if failed is None and encryption is not None:
+        sealed = gpg.run([*at, "--encrypt", "--recipient", fingerprint], b"probe")
+        status = gpg.run(["--decrypt"], sealed.data)
+        if not status.has("DECRYPTION_OKAY"):
+            failed = status
+    if failed is None:
+        return
+    if config.passphrase_env:
+        where = f"{config.place}.passphrase_env"
+    elif config.passphrase_file:
+        where = f"{config.place}.passphrase_file"
+    else:
+        where = config.place
+    if not failed.has(*_PASSPHRASE_STATUSES):
+        raise ConfigError(f"{config.place}.file", "gpg cannot use this secret key")
+    if config.passphrase is None:
+        raise ConfigError(
+            where, "the secret key is passphrase-protected: give passphrase_file or passphrase_env"
+        )
+    raise ConfigError(where, "the passphrase does not open the secret key")
+
+
+# The envelope.
+
+
+def _b64decode(body: bytes) -> bytes:
+    text = body.strip()
+    unpadded = text.rstrip(b"=")
+    if (
+        not unpadded
+        or not _B64URL.fullmatch(text)
+        or len(unpadded) % 4 == 1
+        or (text != unpadded and len(text) % 4)
+    ):
+        raise MalformedError("the body is not base64url")
+    try:
+        return base64.urlsafe_b64decode(unpadded + b"=" * (-len(unpadded) % 4))
+    except (binascii.Error, ValueError):
+        raise MalformedError("the body is not base64url") from None
+
+
+@dataclass
+class _Signature:
+    kind: str = ""
+    primary: str = ""
+    hash_algo: str = ""
+    keyid: str = ""
+    errsig_rc: str = ""
+    issuer: str = ""
+
+
+def _signatures(lines: Sequence[tuple[str, list[str]]]) -> list[_Signature]:
+    sigs: list[_Signature] = []
+    for key, value in lines:
+        if key == "NEWSIG":
+            sigs.append(_Signature())
+        elif not sigs:
+            continue
+        elif key in ("GOODSIG", "BADSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG") and value:
+            sigs[-1].kind, sigs[-1].keyid = key, value[0].upper()
+        elif key == "ERRSIG" and len(value) >= 6:
+            sig = sigs[-1]
+            sig.kind, sig.keyid, sig.hash_algo, sig.errsig_rc = key, value[0].upper(), value[2], \
+                value[5]
+            sig.issuer = value[6].upper() if len(value) > 6 else ""
+        elif key == "VALIDSIG" and len(value) >= 9:
+            sigs[-1].hash_algo = value[7]
+            sigs[-1].primary = (value[9] if len(value) > 9 else value[0]).upper()
+    return sigs
+
+
+class PgpEnvelope:
+    """Seal and open OpenPGP messages for one route (protocol.md section 3).
+
+    The private GNUPGHOME `home` holds the enabled own keys (secret) and the enabled peer keys
+    (public) only, so a disabled key can never decrypt. Thread-safe."""
+
+    scheme = "pgp"
+
+    def __init__(
+        self,
+        own: Keyset,
+        peer: Keyset,
+        options: PgpOptions,
+        home: Path,
+        *,
+        max_plaintext_bytes: int,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Create `home` (must not exist yet), import the enabled keys and preset each
+        protected own key's passphrase in its agent. Raises EngineError when gpg fails."""
+        self.own = own
+        self.peer = peer
+        self.options = options
+        self.home = home
+        self.max_plaintext_bytes = max_plaintext_bytes
+        # base64url of armored, uncompressed OpenPGP is ~1.8x the plaintext, plus the packets.
+        self.max_body_bytes = 2 * max_plaintext_bytes + 64 * 1024
+        self._close_lock = threading.Lock()
+        self._closed = False
+        _create_home(home)
+        try:
+            self._gpg = _start(home, timeout_s)
+            for key in own.enabled():
+                material: _Material = key.material
+                self._import(material.secret or material.public, key)
+                if material.passphrase is not None:
+                    _preset(home, material.keygrips, material.passphrase, timeout_s)
+            for key in peer.enabled():
+                self._import(key.material.public, key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _import(self, data: bytes, key: Key) -> None:
+        if key.fingerprint not in _import(self._gpg, data):
+            raise EngineError(f"gpg did not import key '{key.id}'")
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES["pgp"]
+
+    def seal(self, plaintext: bytes) -> Sealed:
+        """Sign with every own signer, encrypt to every peer recipient; base64url out.
+        Raises TooLargeError, NoKeyError (nothing usable to seal with), EngineError."""
+        if len(plaintext) > self.max_plaintext_bytes:
+            raise TooLargeError(
+                f"plaintext of {len(plaintext)} bytes is over the {self.max_plaintext_bytes} limit"
+            )
+        signers = self.own.signers()
+        recipients = self.peer.recipients()
+        if not signers:
+            raise NoKeyError(f"keyset '{self.own.name}' has no active, unexpired signing key")
+        if not recipients:
+            raise NoKeyError(f"keyset '{self.peer.name}' has no active, unexpired encryption key")
+        o = self.options
+        args = ["--sign", "--encrypt", "--digest-algo", o.digest, "--cipher-algo", o.cipher,
+                "--compress-algo", o.compression]
+        if o.armor:
+            args.append("--armor")
+        for key in signers:
+            args += ["--local-user", key.fingerprint]
+        for key in recipients:
+            args += ["--recipient", key.fingerprint]
+        status = self._gpg.run(args, plaintext)
+        if status.has("INV_SGNR", "INV_RECP"):
+            raise NoKeyError("gpg found a key unusable (expired or revoked)")
+        if (
+            len(status.values("SIG_CREATED")) != len(signers)
+            or not status.has("END_ENCRYPTION")
+            or status.returncode != 0
+        ):
+            raise EngineError("gpg could not sign and encrypt")
+        body = base64.urlsafe_b64encode(status.data)
+        if not o.base64_padding:
+            body = body.rstrip(b"=")
+        return Sealed(
+            body=body,
+            signed_by=tuple(k.id for k in signers),
+            encrypted_to=tuple(k.id for k in recipients),
+        )
+
+    def open(self, body: bytes) -> Opened:
+        """Decode, decrypt with an enabled own key, verify a signature by an enabled peer key.
+        Raises an EnvelopeError subclass on any failure of the message, EngineError if gpg
+        itself fails; the plaintext is returned only when everything holds."""
+        if len(body) > self.max_body_bytes:
+            raise TooLargeError(
+                f"body of {len(body)} bytes is over the {self.max_body_bytes} byte limit"
+            )
+        message = _b64decode(body)
+        cap = self.max_plaintext_bytes + 1
+        status = self._gpg.run(["--max-output", str(cap), "--decrypt"], message)
+        if status.returncode is not None and status.returncode < 0:
+            raise EngineError("gpg was killed")
+        decrypted_by = self._check_encryption(status)
+        if _MAX_OUTPUT_HIT.search(status.stderr) or len(status.data) >= cap:
+            raise TooLargeError(f"plaintext is over the {self.max_plaintext_bytes} byte limit")
+        verified_by = self._check_signatures(status)
+        return Opened(plaintext=status.data, decrypted_by=decrypted_by, verified_by=verified_by)
+
+    def _check_encryption(self, status: _Status) -> tuple[str, ...]:
+        enc_to = {v[0].upper() for v in status.values("ENC_TO") if v}
+        if not enc_to:
+            if status.has("NEED_PASSPHRASE_SYM"):
+                raise MalformedError("the message is encrypted with a passphrase, not to a key")
+            raise MalformedError("not an OpenPGP message encrypted to a public key")
+        no_seckey = {v[0].upper() for v in status.values("NO_SECKEY") if v}
+        info = next(iter(status.values("DECRYPTION_INFO")), None)
+        if info is not None and len(info) >= 2 and info[1] not in ACCEPTED_CIPHERS:
+            raise AlgorithmError(f"cipher algorithm {info[1]} is refused", layer="encryption")
+        if info is not None and info[0] == "0":
+            raise DecryptError("the message has no integrity protection")
+        ok = (
+            info is not None
+            and status.has("DECRYPTION_OKAY")
+            and status.has("GOODMDC")
+            and not status.has("DECRYPTION_FAILED", "BADMDC")
+        )
+        if not ok:
+            if enc_to <= no_seckey:
+                raise UnknownKeyError("the message is encrypted to no enabled own key")
+            raise DecryptError("decryption failed")
+        begin = status.index("BEGIN_DECRYPTION", len(status.lines))
+        end = status.index("END_DECRYPTION", -1)
+        plaintexts = [i for i, (key, _) in enumerate(status.lines) if key == "PLAINTEXT"]
+        if len(plaintexts) != 1 or not begin < plaintexts[0] < end:
+            raise MalformedError("the message does not hold exactly one encrypted literal")
+        decryptors = self.own.decryptors()
+        used = next(iter(status.values("DECRYPTION_KEY")), None)
+        if used is not None and len(used) >= 2:
+            found = [k.id for k in decryptors if k.fingerprint == used[1].upper()]
+        else:
+            found = [k.id for k in decryptors if k.material.keyids & (enc_to - no_seckey)]
+        if not found:
+            raise UnknownKeyError("the message was decrypted by no enabled own key")
+        return tuple(found[:1])
+
+    def _check_signatures(self, status: _Status) -> tuple[str, ...]:
+        begin = status.index("BEGIN_DECRYPTION", 0)
+        end = status.index("END_DECRYPTION", len(status.lines))
+        sigs = _signatures(status.lines[begin:end])
+        verifiers = self.peer.verifiers()
+        trusted = {k.fingerprint: k for k in verifiers}
+        good = [s for s in sigs if s.kind == "GOODSIG" and s.primary in trusted]
+        accepted = [s for s in good if s.hash_algo in ACCEPTED_HASHES]
+        if accepted:
+            return tuple(dict.fromkeys(trusted[s.primary].id for s in accepted))
+        refused_algo = [
+            s for s in sigs
+            if s.kind == "ERRSIG" and s.errsig_rc in ("4", "5")
+            and any({s.keyid, s.issuer} & k.material.keyids for k in verifiers)
+        ]
+        if good or refused_algo:
+            raise AlgorithmError("the peer's signature uses a refused hash algorithm",
+                                 layer="signature")
+        if not sigs:
+            raise SignatureError("the message is not signed")
+        raise SignatureError("no good signature by an enabled peer key")
+
+    def close(self) -> None:
+        """Stop the home's gpg-agent and remove the home. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _remove_home(self.home)
