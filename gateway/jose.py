@@ -501,11 +501,7 @@ class JoseEnvelope:
             raise TooLargeError(
                 f"JWS payload is over the cap of {self.max_plaintext_bytes} bytes"
             )
-        if not (
-            protected
-            and signature
-            and all(_SEGMENT.fullmatch(p) and len(p) % 4 != 1 for p in parts)
-        ):
+        if not all(_SEGMENT.fullmatch(p) and len(p) % 4 != 1 for p in parts) or not protected:
             raise SignatureError("a JWE whose payload is not a compact JWS")
         header = _json_object(_b64decode(protected))
         if header is None:
@@ -513,8 +509,11 @@ class JoseEnvelope:
         alg = header.get("alg")
         if not isinstance(alg, str):
             raise SignatureError("JWS header lacks 'alg'")
+        # The algorithm first: an unsigned `none` JWS is refused for its algorithm.
         if alg not in _SIGN_KEYS or alg not in self._accept_jws:
             raise AlgorithmError(f"JWS alg {_show(alg)} is not accepted", layer="signature")
+        if not signature:
+            raise SignatureError("the JWS has no signature")
         if "crit" in header or "b64" in header:
             raise SignatureError("JWS header has 'crit' or 'b64': no extensions are supported")
         kid = header.get("kid")

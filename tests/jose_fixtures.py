@@ -24,18 +24,28 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway.config import KeyConfig, KeysetConfig, KeyState
+from gateway.config import JoseOptions, KeyConfig, KeysetConfig, KeyState
+from gateway.jose import JoseEnvelope, load_jose_keyset
+from gateway.keys import Keyset
 
 __all__ = [
+    "GOOGLE_OWN",
+    "GOOGLE_PUBLIC",
     "JOSE_KEY_NAMES",
+    "PARTNER_OWN",
+    "PARTNER_PUBLIC",
     "JoseKeys",
     "NodeJose",
     "NodeJoseError",
     "b64u",
     "craft_jwe",
     "craft_jws",
+    "jose_envelope",
+    "jose_google",
     "jose_keys",
+    "jose_keyset",
     "jose_keyset_config",
+    "jose_partner",
     "node_jose",
 ]
 
@@ -60,9 +70,8 @@ JOSE_KEY_NAMES: dict[str, tuple[Literal["RSA", "P-256"], Literal["sig", "enc"]]]
 }
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-KeySpec = tuple[str, Literal["private", "public"], "KeyState | str"] | tuple[
-    str, Literal["private", "public"], "KeyState | str", Mapping[str, Any]
-]
+# (key name, "private" or "public", state[, KeyConfig field overrides])
+KeySpec = tuple[str, str, KeyState | str] | tuple[str, str, KeyState | str, Mapping[str, Any]]
 
 
 def b64u(data: bytes | str) -> str:
@@ -96,7 +105,8 @@ def jwk_of(key: PrivateKey, kid: str, use: str) -> dict[str, Any]:
         }
     size = (key.curve.key_size + 7) // 8
     numbers = key.private_numbers()
-    crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
+    names = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+    crv = names.get(key.curve.name, key.curve.name)
     return {
         "kty": "EC",
         "kid": kid,
@@ -156,6 +166,8 @@ class JoseKeys:
         for index, spec in enumerate(keys):
             key_name, half, state = spec[0], spec[1], spec[2]
             extra: Mapping[str, Any] = spec[3] if len(spec) > 3 else {}
+            if half not in ("private", "public"):
+                raise ValueError(f"{key_name}: 'private' or 'public', not {half!r}")
             fields: dict[str, Any] = {
                 "id": key_name,
                 "file": self.private(key_name) if half == "private" else self.public(key_name),
@@ -192,6 +204,61 @@ def jose_keyset_config(jose_keys: JoseKeys) -> Any:
     return jose_keys.keyset_config
 
 
+# The usual layout: each side's own private keys; the other side's public keys, with its EC
+# signing key read-only so that ES256 messages verify without a second active signing key.
+PARTNER_OWN: list[KeySpec] = [
+    ("partner-sig-a", "private", "active"),
+    ("partner-enc-a", "private", "active"),
+]
+PARTNER_PUBLIC: list[KeySpec] = [
+    ("partner-sig-a", "public", "active"),
+    ("partner-enc-a", "public", "active"),
+    ("partner-sig-ec", "public", "read-only"),
+]
+GOOGLE_OWN: list[KeySpec] = [
+    ("google-sig-a", "private", "active"),
+    ("google-enc-a", "private", "active"),
+]
+GOOGLE_PUBLIC: list[KeySpec] = [
+    ("google-sig-a", "public", "active"),
+    ("google-enc-a", "public", "active"),
+    ("google-sig-ec", "public", "read-only"),
+]
+
+
+def jose_keyset(keys: JoseKeys, name: str, specs: Sequence[KeySpec]) -> Keyset:
+    return load_jose_keyset(keys.keyset_config(name, specs))
+
+
+def jose_envelope(
+    keys: JoseKeys,
+    own: Sequence[KeySpec],
+    peer: Sequence[KeySpec],
+    options: JoseOptions = JoseOptions(),  # noqa: B008 (frozen)
+    *,
+    max_plaintext_bytes: int = 64 * 1024,
+) -> JoseEnvelope:
+    """An envelope over keysets "own" and "peer" built from the session's keys."""
+    return JoseEnvelope(
+        jose_keyset(keys, "own", own),
+        jose_keyset(keys, "peer", peer),
+        options,
+        max_plaintext_bytes=max_plaintext_bytes,
+    )
+
+
+@pytest.fixture(scope="session")
+def jose_partner(jose_keys: JoseKeys) -> JoseEnvelope:
+    """Our side with default options: PARTNER_OWN keys, GOOGLE_PUBLIC peer keys, 64 KiB cap."""
+    return jose_envelope(jose_keys, PARTNER_OWN, GOOGLE_PUBLIC)
+
+
+@pytest.fixture(scope="session")
+def jose_google(jose_keys: JoseKeys) -> JoseEnvelope:
+    """Our envelope playing Google: GOOGLE_OWN keys, PARTNER_PUBLIC peer keys, 64 KiB cap."""
+    return jose_envelope(jose_keys, GOOGLE_OWN, PARTNER_PUBLIC)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-made JWS and JWE, independent of jwcrypto, for messages no honest library would make.
 
@@ -202,10 +269,17 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 
-def craft_jws(header: Mapping[str, Any], payload: bytes, key: PrivateKey | bytes | None) -> str:
-    """A compact JWS with exactly `header`, signed per header["alg"]: RS*/PS*/ES* with a private
-    key, HS* with `key` as the raw HMAC secret, `none` (or key None) with an empty signature."""
-    alg = str(header.get("alg", ""))
+def craft_jws(
+    header: Mapping[str, Any],
+    payload: bytes,
+    key: PrivateKey | bytes | None,
+    *,
+    sign_as: str | None = None,
+) -> str:
+    """A compact JWS with exactly `header`, signed per header["alg"] (or `sign_as`, to sign
+    with another algorithm than the header claims): RS*/PS*/ES* with a private key, HS* with
+    `key` as the raw HMAC secret, `none` (or key None) with an empty signature."""
+    alg = sign_as or str(header.get("alg", ""))
     signing_input = f"{b64u(json.dumps(header))}.{b64u(payload)}".encode("ascii")
     signature = b""
     if key is not None and alg != "none":
