@@ -86,9 +86,10 @@ async function open(req) {
   const jwsHeader = jose.decodeProtectedHeader(jws);
   let lastError = new jose.errors.JWSSignatureVerificationFailed("no verification key");
   for (const path of req.verify_keys) {
-    const candidate = await loadKey(path, jwsHeader.alg, false);
-    if (jwsHeader.kid !== undefined && candidate.kid !== jwsHeader.kid) continue;
     try {
+      // A key of another type cannot even be imported for this alg: that is a miss, too.
+      const candidate = await loadKey(path, jwsHeader.alg, false);
+      if (jwsHeader.kid !== undefined && candidate.kid !== jwsHeader.kid) continue;
       const verified = await jose.compactVerify(jws, candidate.key, {
         algorithms: req.sign_algs ?? undefined,
       });
