@@ -5,29 +5,38 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import KeyConfig, KeysetConfig, KeyState
+from gateway.config import KeyConfig, KeysetConfig, KeyState, PgpOptions
+from gateway.keys import Key, Keyset
+from gateway.pgp import PgpEnvelope, load_pgp_keyset
 
 __all__ = [
     "PGP_KEY_NAMES",
     "GpgOpened",
     "GpgPeer",
     "GpgPeerError",
+    "KeyEntries",
     "PgpKeys",
     "b64url",
     "gpg_peer",
+    "gpg_processes_under",
+    "pgp_envelope",
     "pgp_keys",
+    "pgp_keyset",
     "pgp_keyset_config",
     "unb64url",
 ]
+
+KeyEntries = Sequence[tuple[str, str, "str | KeyState"]]  # (key name, "sec"|"pub", state)
 
 DAY = 86400
 # name -> (RSA bits, passphrase or None). Every key: RSA primary (sign, certify) + RSA encryption
@@ -55,6 +64,24 @@ def b64url(data: bytes, padded: bool = False) -> bytes:
 def unb64url(body: bytes) -> bytes:
     text = body.strip().rstrip(b"=")
     return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+
+
+def gpg_processes_under(path: Path, wait_s: float = 3.0) -> list[str]:
+    """Command lines of live gpg/gpg-agent processes naming a path below `path`, after giving
+    stopping agents up to `wait_s` to exit."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "gpg" in text and str(path) in text:
+                found.append(text.strip())
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def _status_lines(stderr: bytes) -> list[list[str]]:
@@ -143,9 +170,7 @@ class PgpKeys:
             passphrase=self.passphrases[name] if secret else None,
         )
 
-    def keyset_config(
-        self, keyset: str, entries: Sequence[tuple[str, str, str | KeyState]]
-    ) -> KeysetConfig:
+    def keyset_config(self, keyset: str, entries: KeyEntries) -> KeysetConfig:
         """A pgp KeysetConfig from (key name, "sec"|"pub", state); key ids are the names."""
         return KeysetConfig(
             name=keyset,
@@ -157,7 +182,7 @@ class PgpKeys:
             ),
         )
 
-    def keyset_yaml(self, entries: Sequence[tuple[str, str, str | KeyState]]) -> dict[str, Any]:
+    def keyset_yaml(self, entries: KeyEntries) -> dict[str, Any]:
         """The same keyset as a config.yaml mapping (absolute paths, passphrase_file)."""
         keys: list[dict[str, Any]] = []
         for name, kind, state in entries:
@@ -352,8 +377,58 @@ def gpg_peer(pgp_keys: PgpKeys, session_tmp: Path) -> Iterator[GpgPeer]:
 
 
 @pytest.fixture(scope="session")
-def pgp_keyset_config(
-    pgp_keys: PgpKeys,
-) -> Callable[[str, Sequence[tuple[str, str, str | KeyState]]], KeysetConfig]:
+def pgp_keyset_config(pgp_keys: PgpKeys) -> Callable[[str, KeyEntries], KeysetConfig]:
     """pgp_keyset_config(name, [(key name, "sec"|"pub", state), ...]) -> KeysetConfig."""
     return pgp_keys.keyset_config
+
+
+@pytest.fixture(scope="session")
+def pgp_keyset(pgp_keys: PgpKeys, session_tmp: Path) -> Callable[..., Keyset]:
+    """pgp_keyset(name, entries, now=None) -> Keyset, from keys each loaded once per session by
+    load_pgp_keyset (states, places and the clock set per call)."""
+    loaded: dict[tuple[str, str], Key] = {}
+
+    def build(name: str, entries: KeyEntries, now: Callable[[], Any] | None = None) -> Keyset:
+        keys = []
+        for i, (key_name, kind, state) in enumerate(entries):
+            if (key_name, kind) not in loaded:
+                single = pgp_keys.keyset_config("one", [(key_name, kind, "active")])
+                loaded[key_name, kind] = load_pgp_keyset(single, session_tmp / "pl").keys[0]
+            keys.append(replace(
+                loaded[key_name, kind], state=KeyState(state), place=f"keysets.{name}.keys[{i}]"
+            ))
+        if now is None:
+            return Keyset(name=name, type="pgp", keys=tuple(keys))
+        return Keyset(name=name, type="pgp", keys=tuple(keys), now=now)
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def pgp_envelope(
+    pgp_keyset: Callable[..., Keyset], session_tmp: Path
+) -> Iterator[Callable[..., PgpEnvelope]]:
+    """pgp_envelope(own, peer, options=PgpOptions(), limit=1 MiB, timeout_s=10) -> PgpEnvelope;
+    own and peer are Keysets or entry lists. Every envelope is closed after the module."""
+    root = Path(tempfile.mkdtemp(prefix="e", dir=session_tmp))
+    made: list[PgpEnvelope] = []
+
+    def make(
+        own: Keyset | KeyEntries,
+        peer: Keyset | KeyEntries,
+        options: PgpOptions = PgpOptions(),  # noqa: B008
+        *,
+        limit: int = 1 << 20,
+        timeout_s: float = 10.0,
+    ) -> PgpEnvelope:
+        own_set = own if isinstance(own, Keyset) else pgp_keyset("own", own)
+        peer_set = peer if isinstance(peer, Keyset) else pgp_keyset("peer", peer)
+        envelope = PgpEnvelope(own_set, peer_set, options, root / str(len(made)),
+                               max_plaintext_bytes=limit, timeout_s=timeout_s)
+        made.append(envelope)
+        return envelope
+
+    yield make
+    for envelope in made:
+        envelope.close()
+    shutil.rmtree(root, ignore_errors=True)

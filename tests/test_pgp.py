@@ -1,0 +1,398 @@
+"""PGP keys and envelope: loading, sealing, opening, rotation, many keys, lifecycle."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.config import KeyState, PgpOptions
+from gateway.envelope import CONTENT_TYPES
+from gateway.errors import (
+    ConfigError,
+    EngineError,
+    NoKeyError,
+    SignatureError,
+    TooLargeError,
+    UnknownKeyError,
+)
+from gateway.keys import Keyset
+from gateway.pgp import PgpEnvelope, load_pgp_keyset
+from tests.pgp_fixtures import GpgPeer, KeyEntries, PgpKeys, gpg_processes_under, unb64url
+
+PLAINTEXT = b'{"requestHeader": {"requestId": "r-1"}, "clientMessage": "hello"}'
+MakeEnvelope = Callable[..., PgpEnvelope]
+
+
+# Loading keys.
+
+
+def test_load_reads_what_the_gateway_reports(pgp_keys: PgpKeys, runtime_dir: Path) -> None:
+    keyset = load_pgp_keyset(pgp_keys.keyset_config("partner", [
+        ("partner-a", "sec", "active"),
+        ("google-a", "pub", "read-only"),
+        ("partner-3k", "sec", "disabled"),
+    ]), runtime_dir / "scan")
+    own, peer, big = keyset.keys
+    assert (keyset.name, keyset.type) == ("partner", "pgp")
+    assert own.id == "partner-a" and own.state is KeyState.ACTIVE
+    assert own.fingerprint == pgp_keys.fingerprint("partner-a")
+    assert own.private and own.can_sign and own.can_encrypt
+    assert own.algorithm == "RSA-2048" and own.place == "keysets.partner.keys[0]"
+    assert own.expires is not None
+    assert timedelta(days=350) < own.expires - datetime.now(UTC) < timedelta(days=360)
+    assert peer.fingerprint == pgp_keys.fingerprint("google-a") and not peer.private
+    assert peer.can_sign and peer.can_encrypt and peer.state is KeyState.READ_ONLY
+    assert big.algorithm == "RSA-3072" and big.state is KeyState.DISABLED
+    assert "material" not in repr(own) and "BEGIN PGP" not in repr(own)
+
+
+def test_load_leaves_no_home_and_no_agent(pgp_keys: PgpKeys, runtime_dir: Path) -> None:
+    scan = runtime_dir / "scan"
+    load_pgp_keyset(pgp_keys.keyset_config("p", [("partner-pw", "sec", "active")]), scan)
+    assert list(scan.iterdir()) == []
+    assert gpg_processes_under(scan) == []
+
+
+def test_not_after_and_the_keys_own_expiry(pgp_keys: PgpKeys, runtime_dir: Path) -> None:
+    config = pgp_keys.keyset_config("p", [("partner-a", "pub", "active")] * 2)
+    soon = datetime.now(UTC) + timedelta(days=30)
+    late = datetime.now(UTC) + timedelta(days=3000)
+    keys = (dataclasses.replace(config.keys[0], id="soon", not_after=soon),
+            dataclasses.replace(config.keys[1], id="late", not_after=late))
+    first, second = load_pgp_keyset(dataclasses.replace(config, keys=keys), runtime_dir).keys
+    assert first.expires == soon
+    assert second.expires is not None and second.expires < soon + timedelta(days=340)
+
+
+def test_an_expired_key_loads_but_never_verifies(pgp_keys: PgpKeys, runtime_dir: Path) -> None:
+    keyset = load_pgp_keyset(
+        pgp_keys.keyset_config("g", [("google-expired", "pub", "active")]), runtime_dir
+    )
+    (key,) = keyset.keys
+    assert key.expires is not None and key.expires < datetime.now(UTC)
+    assert keyset.verifiers() == () and keyset.recipients() == ()
+
+
+def test_binary_exports_load(pgp_keys: PgpKeys, runtime_dir: Path) -> None:
+    config = pgp_keys.keyset_config("p", [("partner-pw", "sec", "active")])
+    binary = runtime_dir / "partner-pw.sec.gpg"
+    binary.write_bytes(subprocess.run(["gpg", "--dearmor"], input=pgp_keys.sec("partner-pw")
+                                      .read_bytes(), capture_output=True, check=True).stdout)
+    config = dataclasses.replace(config, keys=(dataclasses.replace(config.keys[0], file=binary),))
+    (key,) = load_pgp_keyset(config, runtime_dir / "scan").keys
+    assert key.private and key.fingerprint == pgp_keys.fingerprint("partner-pw")
+
+
+@pytest.fixture(scope="module")
+def odd_keys(session_tmp: Path) -> dict[str, Path]:
+    """Keys the gateway must refuse: RSA-1024 and Ed25519 (made by gpg), and a plain file."""
+    home = session_tmp / "odd"
+    home.mkdir(mode=0o700)
+    files: dict[str, Path] = {}
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",
+           "--passphrase", ""]
+    for name, algo in (("rsa1024", "rsa1024"), ("ed25519", "ed25519")):
+        subprocess.run([*gpg, "--quick-gen-key", f"{name}@example.test", algo, "sign,cert", "1y"],
+                       capture_output=True, check=True, timeout=60)
+        files[name] = home / f"{name}.asc"
+        files[name].write_bytes(subprocess.run(
+            [*gpg, "--armor", "--export", f"{name}@example.test"], capture_output=True,
+            check=True, timeout=60).stdout)
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+    files["text"] = home / "notes.txt"
+    files["text"].write_text("-----BEGIN PGP PUBLIC KEY BLOCK-----\nnot really\n")
+    return files
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("text", "holds no OpenPGP key"),
+    ("rsa1024", "RSA-1024 part; only RSA keys of at least 2048 bits"),
+    ("ed25519", "EdDSA-255 part; only RSA keys"),
+    ("two", "holds 2 primary keys"),
+    ("missing", "cannot read"),
+])
+def test_unusable_key_files_are_refused(
+    pgp_keys: PgpKeys, odd_keys: dict[str, Path], runtime_dir: Path, case: str, message: str
+) -> None:
+    two = runtime_dir / "two.asc"
+    two.write_bytes(pgp_keys.pub("google-a").read_bytes() + pgp_keys.pub("google-b").read_bytes())
+    files = {**odd_keys, "two": two, "missing": runtime_dir / "nope.asc"}
+    config = pgp_keys.keyset_config("peer", [("google-a", "pub", "active"),
+                                             ("google-b", "pub", "disabled")])
+    bad = dataclasses.replace(config.keys[1], file=files[case])
+    with pytest.raises(ConfigError) as caught:
+        load_pgp_keyset(dataclasses.replace(config, keys=(config.keys[0], bad)), runtime_dir)
+    assert caught.value.place == "keysets.peer.keys[1].file"
+    assert message in caught.value.message
+
+
+@pytest.mark.parametrize(("change", "place", "message"), [
+    ({"passphrase": None, "passphrase_file": None}, "keysets.own.keys[0]",
+     "passphrase-protected: give passphrase_file or passphrase_env"),
+    ({"passphrase": "wrong"}, "keysets.own.keys[0].passphrase_file",
+     "the passphrase does not open the secret key"),
+    ({"passphrase": "pässwört zwei", "passphrase_file": None, "passphrase_env": "PW"},
+     "keysets.own.keys[0].passphrase_env", "the passphrase does not open the secret key"),
+])
+def test_passphrases_must_open_their_keys(
+    pgp_keys: PgpKeys, runtime_dir: Path, change: dict[str, object], place: str, message: str
+) -> None:
+    config = pgp_keys.keyset_config("own", [("partner-pw", "sec", "disabled")])
+    key = dataclasses.replace(config.keys[0], **change)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as caught:
+        load_pgp_keyset(dataclasses.replace(config, keys=(key,)), runtime_dir)
+    assert caught.value.place == place and message in caught.value.message
+    assert "wrong" not in str(caught.value) and "zwei" not in str(caught.value)
+
+
+# Sealing and opening.
+
+
+def test_seal_then_open(pgp_envelope: MakeEnvelope) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    google = pgp_envelope([("google-a", "sec", "active")], [("partner-a", "pub", "active")])
+    sealed = partner.seal(PLAINTEXT)
+    assert (sealed.signed_by, sealed.encrypted_to) == (("partner-a",), ("google-a",))
+    assert b"=" not in sealed.body and PLAINTEXT not in unb64url(sealed.body)
+    opened = google.open(sealed.body)
+    assert opened.plaintext == PLAINTEXT
+    assert (opened.decrypted_by, opened.verified_by) == (("google-a",), ("partner-a",))
+    assert partner.scheme == "pgp" and partner.content_type == CONTENT_TYPES["pgp"]
+    assert google.open(partner.seal(b"").body).plaintext == b""
+
+
+@pytest.mark.parametrize("options", [
+    PgpOptions(armor=True, base64_padding=True, compression="zlib", digest="SHA512"),
+    PgpOptions(compression="zip", digest="SHA256", cipher="AES128"),
+])
+def test_route_options_shape_the_message(
+    pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer, options: PgpOptions
+) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")],
+                           options)
+    body = partner.seal(PLAINTEXT * 3).body
+    raw = unb64url(body)
+    assert raw.startswith(b"-----BEGIN PGP MESSAGE-----") == options.armor
+    assert (len(body) % 4 == 0) if options.base64_padding else (b"=" not in body)
+    packets = gpg_peer.gpg("--list-packets", stdin=raw).stdout.decode()
+    algo = {"zip": "1", "zlib": "2"}[options.compression]
+    assert f"compressed packet: algo={algo}" in packets
+    opened = gpg_peer.open_details(body)
+    assert opened.plaintext == PLAINTEXT * 3
+    hashes = {"SHA256": "8", "SHA384": "9", "SHA512": "10"}
+    ciphers = {"AES128": "7", "AES192": "8", "AES256": "9"}
+    assert opened.hashes == [hashes[options.digest]]
+    assert (opened.cipher, opened.mdc) == (ciphers[options.cipher], "2")
+
+
+def test_many_signers_many_recipients_and_two_passphrases(
+    pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys, gpg_peer: GpgPeer
+) -> None:
+    signers = ["partner-a", "partner-pw", "partner-pw2"]
+    partner = pgp_envelope(
+        [(name, "sec", "active") for name in signers],
+        [("google-a", "pub", "active"), ("google-b", "pub", "active")],
+    )
+    sealed = partner.seal(PLAINTEXT)
+    assert sealed.signed_by == tuple(signers)
+    assert sealed.encrypted_to == ("google-a", "google-b")
+    plaintext, good = gpg_peer.open(sealed.body)
+    assert plaintext == PLAINTEXT
+    assert sorted(good) == sorted(pgp_keys.fingerprint(n) for n in signers)
+    peers = [(name, "pub", "active") for name in signers]
+    for google_key in ("google-a", "google-b"):
+        google = pgp_envelope([(google_key, "sec", "active")], peers)
+        opened = google.open(sealed.body)
+        assert opened.decrypted_by == (google_key,)
+        assert opened.verified_by == tuple(signers)
+    # Google answers to both protected keys: each decrypts with its own passphrase.
+    for name in ("partner-pw", "partner-pw2"):
+        back = gpg_peer.seal(PLAINTEXT, ["google-a"], [name])
+        opened = pgp_envelope([(name, "sec", "active")], [("google-a", "pub", "active")]).open(
+            back)
+        assert (opened.plaintext, opened.decrypted_by) == (PLAINTEXT, (name,))
+
+
+def test_an_expired_own_key_still_decrypts(
+    pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys, gpg_peer: GpgPeer
+) -> None:
+    google = pgp_envelope(
+        [("google-a", "sec", "active"), ("google-expired", "sec", "read-only")],
+        [("partner-a", "pub", "active")],
+    )
+    late = gpg_peer.seal(PLAINTEXT, ["partner-a"], ["google-expired"],
+                         at=pgp_keys.expired_key_valid_at)
+    opened = google.open(late)
+    assert (opened.decrypted_by, opened.verified_by) == (("google-expired",), ("partner-a",))
+    assert google.seal(PLAINTEXT).signed_by == ("google-a",)
+
+
+# The rotation matrix (Tink's): the partner's keyset in four stages of a rotation from
+# "old" to "new"; messages made under each stage are opened under each.
+STAGES: dict[str, list[tuple[str, str]]] = {
+    "old": [("old", "active")],
+    "old+new": [("old", "active"), ("new", "read-only")],
+    "new-primary": [("new", "active"), ("old", "read-only")],
+    "old-disabled": [("new", "active"), ("old", "disabled")],
+}
+ACTIVE = {stage: {k for k, s in keys if s == "active"} for stage, keys in STAGES.items()}
+ENABLED = {stage: {k for k, s in keys if s != "disabled"} for stage, keys in STAGES.items()}
+
+
+def _stage(stage: str, prefix: str, kind: str) -> KeyEntries:
+    return [(f"{prefix}-{'a' if key == 'old' else 'b'}", kind, state)
+            for key, state in STAGES[stage]]
+
+
+@pytest.mark.parametrize("opener", list(STAGES))
+@pytest.mark.parametrize("sealer", list(STAGES))
+def test_rotation_of_own_keys(pgp_envelope: MakeEnvelope, sealer: str, opener: str) -> None:
+    """Google encrypts to the partner keys active in `sealer`; the partner opens with `opener`."""
+    google = pgp_envelope([("google-a", "sec", "active")], _stage(sealer, "partner", "pub"))
+    partner = pgp_envelope(_stage(opener, "partner", "sec"), [("google-a", "pub", "active")])
+    body = google.seal(PLAINTEXT).body
+    if ACTIVE[sealer] & ENABLED[opener]:
+        opened = partner.open(body)
+        assert opened.plaintext == PLAINTEXT
+        (used,) = ACTIVE[sealer] & ENABLED[opener]
+        assert opened.decrypted_by == (f"partner-{'a' if used == 'old' else 'b'}",)
+    else:
+        with pytest.raises(UnknownKeyError):
+            partner.open(body)
+
+
+@pytest.mark.parametrize("verifier", list(STAGES))
+@pytest.mark.parametrize("signer", list(STAGES))
+def test_rotation_of_peer_keys(pgp_envelope: MakeEnvelope, signer: str, verifier: str) -> None:
+    """Google signs with its keys active in `signer`; the partner verifies with `verifier`."""
+    google = pgp_envelope(_stage(signer, "google", "sec"), [("partner-a", "pub", "active")])
+    partner = pgp_envelope([("partner-a", "sec", "active")], _stage(verifier, "google", "pub"))
+    body = google.seal(PLAINTEXT).body
+    if ACTIVE[signer] & ENABLED[verifier]:
+        (used,) = ACTIVE[signer] & ENABLED[verifier]
+        assert partner.open(body).verified_by == (f"google-{'a' if used == 'old' else 'b'}",)
+    else:
+        with pytest.raises(SignatureError):
+            partner.open(body)
+
+
+# Nothing to seal with, limits.
+
+
+def test_nothing_active_to_seal_with(pgp_envelope: MakeEnvelope, pgp_keyset: Callable[
+        ..., Keyset]) -> None:
+    read_only = pgp_envelope([("partner-a", "sec", "read-only")], [("google-a", "pub", "active")])
+    with pytest.raises(NoKeyError):
+        read_only.seal(PLAINTEXT)
+    no_peer = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "read-only")])
+    with pytest.raises(NoKeyError):
+        no_peer.seal(PLAINTEXT)
+    # Keys that expire while the gateway runs stop sealing at once.
+    later = datetime.now(UTC) + timedelta(days=400)
+    own = pgp_keyset("own", [("partner-a", "sec", "active")], now=lambda: later)
+    expiring = pgp_envelope(own, [("google-a", "pub", "active")])
+    with pytest.raises(NoKeyError) as caught:
+        expiring.seal(PLAINTEXT)
+    assert caught.value.reason == "no_key"
+
+
+def test_size_limits(pgp_envelope: MakeEnvelope) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")],
+                           limit=1000)
+    google = pgp_envelope([("google-a", "sec", "active")], [("partner-a", "pub", "active")],
+                          limit=999)
+    with pytest.raises(TooLargeError):
+        partner.seal(b"x" * 1001)
+    body = partner.seal(b"x" * 1000).body
+    with pytest.raises(TooLargeError):
+        google.open(body)
+    with pytest.raises(TooLargeError):
+        google.open(b"A" * (google.max_body_bytes + 1))
+
+
+# Lifecycle and concurrency.
+
+
+def test_close_stops_the_agent_and_removes_the_home(
+    pgp_keyset: Callable[..., Keyset], runtime_dir: Path
+) -> None:
+    home = runtime_dir / "h"
+    envelope = PgpEnvelope(
+        pgp_keyset("own", [("partner-pw", "sec", "active")]),
+        pgp_keyset("peer", [("google-a", "pub", "active")]),
+        PgpOptions(), home, max_plaintext_bytes=1000,
+    )
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert gpg_processes_under(home, wait_s=0)
+    envelope.seal(PLAINTEXT)
+    envelope.close()
+    envelope.close()
+    assert not home.exists()
+    assert gpg_processes_under(home) == []
+
+
+def test_an_existing_home_is_left_alone(
+    pgp_keyset: Callable[..., Keyset], runtime_dir: Path
+) -> None:
+    home = runtime_dir / "taken"
+    home.mkdir()
+    (home / "keep").write_text("someone else's")
+    with pytest.raises(EngineError):
+        PgpEnvelope(pgp_keyset("own", [("partner-a", "sec", "active")]),
+                    pgp_keyset("peer", [("google-a", "pub", "active")]),
+                    PgpOptions(), home, max_plaintext_bytes=1000)
+    assert (home / "keep").read_text() == "someone else's"
+
+
+def test_the_home_holds_only_enabled_keys(
+    pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys, gpg_peer: GpgPeer
+) -> None:
+    envelope = pgp_envelope(
+        [("partner-a", "sec", "active"), ("partner-b", "sec", "disabled")],
+        [("google-a", "pub", "active"), ("google-b", "pub", "disabled")],
+    )
+    listing = subprocess.run(
+        ["gpg", "--homedir", str(envelope.home), "--with-colons", "--list-keys"],
+        capture_output=True, check=True, text=True).stdout
+    assert pgp_keys.fingerprint("partner-a") in listing
+    assert pgp_keys.fingerprint("google-a") in listing
+    assert pgp_keys.fingerprint("partner-b") not in listing
+    assert pgp_keys.fingerprint("google-b") not in listing
+
+
+def test_seal_and_open_from_many_threads(pgp_envelope: MakeEnvelope) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active"), ("partner-pw", "sec", "active")],
+                           [("google-a", "pub", "active")])
+    google = pgp_envelope([("google-a", "sec", "active")], [("partner-a", "pub", "active")])
+    failures: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(3):
+                message = b'{"n": %d, "i": %d}' % (n, i)
+                assert google.open(partner.seal(message).body).plaintext == message
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_a_gpg_past_its_deadline_is_killed(pgp_envelope: MakeEnvelope) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    partner._gpg.timeout_s = 0.0005
+    with pytest.raises(EngineError, match="did not finish"):
+        partner.seal(b"x" * 100_000)
+    assert [p for p in gpg_processes_under(partner.home, wait_s=0) if "gpg-agent" not in p] == []
+    partner._gpg.timeout_s = 10.0
+    assert partner.seal(PLAINTEXT).signed_by == ("partner-a",)
