@@ -43,7 +43,7 @@ from gateway.errors import (
 )
 from gateway.keys import Key, Keyset
 
-__all__ = ["JoseEnvelope", "load_jose_keyset"]
+__all__ = ["JoseEnvelope", "generate_jwk", "load_jose_keyset"]
 
 # What each algorithm needs from a key: (kty, crv or None for any allowed curve).
 _SIGN_KEYS: dict[str, tuple[str, str | None]] = {
@@ -126,6 +126,17 @@ def load_jose_keyset(config: KeysetConfig) -> Keyset:
     if config.type != "jose":
         raise ConfigError(f"{config.place}.type", f"keyset '{config.name}' is not a jose keyset")
     return Keyset(name=config.name, type="jose", keys=tuple(_load_key(k) for k in config.keys))
+
+
+def generate_jwk(kid: str, use: str, *, bits: int = 2048) -> tuple[str, str]:
+    """A fresh RSA key as (private JWK, public JWK) JSON texts, with `kid` and `use` set.
+    Raises ConfigError for a use other than sig/enc or fewer than 2048 bits."""
+    if use not in ("sig", "enc"):
+        raise ConfigError("use", f"'{use}' is not one of: sig, enc")
+    if bits < _MIN_RSA_BITS:
+        raise ConfigError("bits", f"{bits} bits; at least {_MIN_RSA_BITS} needed")
+    jwk = JWK.generate(kty="RSA", size=bits, kid=kid, use=use)
+    return str(jwk.export_private()), str(jwk.export_public())
 
 
 def _load_key(config: KeyConfig) -> Key:
@@ -248,6 +259,8 @@ def _jwk_uses(jwk: Any, place: str) -> set[str]:
         uses = {use}
     ops = jwk.get("key_ops")
     if ops is not None:
+        if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+            raise ConfigError(place, "the JWK's key_ops is not a list of operation names")
         uses &= {_OPS_USE[op] for op in ops if op in _OPS_USE}
         # jwcrypto names operations its own way (wrapKey, not encrypt): once `use` carries the
         # restriction, key_ops would only make it refuse operations the JWK meant to allow.

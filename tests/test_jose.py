@@ -26,7 +26,7 @@ from gateway.errors import (
     TooLargeError,
     UnknownKeyError,
 )
-from gateway.jose import JoseEnvelope, load_jose_keyset
+from gateway.jose import JoseEnvelope, generate_jwk, load_jose_keyset
 from gateway.keys import Keyset
 from tests.jose_fixtures import (
     GOOGLE_OWN,
@@ -256,6 +256,10 @@ def rsa_1024_jwk() -> dict[str, Any]:
          "not a valid key"),
         ({"keys": []}, "0 keys"),
         ({"kty": "RSA", "n": b64u(b"\xff" * 256), "e": "AQAB", "use": "both"}, "neither"),
+        ({"kty": "RSA", "n": b64u(b"\xff" * 256), "e": "AQAB", "key_ops": "sign"},
+         "not a list"),
+        ({"kty": "RSA", "n": b64u(b"\xff" * 256), "e": "AQAB", "key_ops": []},
+         "neither signing nor encryption"),
     ],
 )
 def test_key_file_errors_name_the_place(
@@ -289,6 +293,33 @@ def test_missing_file_and_wrong_keyset_type(jose_keys: JoseKeys, tmp_path: Path)
     with pytest.raises(ConfigError) as caught:
         load_jose_keyset(config)
     assert caught.value.place == "keysets.k.type"
+
+
+def test_generated_jwks_load_and_work(jose_keys: JoseKeys, tmp_path: Path) -> None:
+    files: dict[str, Path] = {}
+    for name, use in (("demo-sig", "sig"), ("demo-enc", "enc")):
+        private, public = generate_jwk(name, use)
+        assert "\"d\"" in private and "\"d\"" not in public
+        files[name] = write_json(tmp_path / f"{name}.jwk", json.loads(private))
+        files[name + ".pub"] = write_json(tmp_path / f"{name}.pub.jwk", json.loads(public))
+
+    def spec(name: str, file: str) -> KeySpec:
+        return ("partner-sig-a", "private", "active", {"id": name, "file": files[file]})
+
+    own = load_jose_keyset(jose_keys.keyset_config(
+        "own", [spec("demo-sig", "demo-sig"), spec("demo-enc", "demo-enc")]))
+    peer = load_jose_keyset(jose_keys.keyset_config(
+        "peer", [spec("demo-sig", "demo-sig.pub"), spec("demo-enc", "demo-enc.pub")]))
+    assert [(k.algorithm, k.private, k.capabilities) for k in own.keys] == [
+        ("RSA-2048", True, ("sign",)), ("RSA-2048", True, ("encrypt",)),
+    ]
+    assert [k.private for k in peer.keys] == [False, False]
+    envelope = JoseEnvelope(own, peer, JoseOptions(), max_plaintext_bytes=100)
+    assert envelope.open(envelope.seal(b"demo").body).plaintext == b"demo"
+    with pytest.raises(ConfigError):
+        generate_jwk("x", "both")
+    with pytest.raises(ConfigError):
+        generate_jwk("x", "sig", bits=1024)
 
 
 # ---------------------------------------------------------------------------------------------
