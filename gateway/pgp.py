@@ -224,9 +224,8 @@ def _create_home(home: Path) -> None:
 
 
 def _start(home: Path, timeout_s: float) -> _Gpg:
-    """Start the home's agent and bind python-gnupg to the home."""
-    # The agent is started here, not by a gpg call: a gpg killed at its deadline must not be
-    # the parent holding the agent's pipes.
+    """Start the home's agent (presetting passphrases needs it running) and bind python-gnupg
+    to the home."""
     _tool(["gpgconf", "--homedir", str(home), "--launch", "gpg-agent"], home, timeout_s)
     return _Gpg(home, timeout_s)
 
@@ -239,7 +238,12 @@ def _remove_home(home: Path) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _preset(home: Path, keygrips: Sequence[str], passphrase: str, timeout_s: float) -> None:
+def _preset(
+    home: Path, keygrips: Sequence[str], passphrase: str | None, timeout_s: float
+) -> None:
+    """Give the home's agent the passphrase of each keygrip (nothing to do without one)."""
+    if passphrase is None:
+        return
     for keygrip in keygrips:
         _tool(
             [_preset_program(), "--preset", keygrip], home, timeout_s,
@@ -284,7 +288,7 @@ class _Part:
 
     @property
     def usable(self) -> bool:
-        return self.validity not in ("r", "i", "n")
+        return self.validity not in ("r", "i")
 
 
 def _timestamp(text: str) -> datetime | None:
@@ -419,9 +423,8 @@ def _check_secret(
 ) -> None:
     """Sign and decrypt once through the agent, with the passphrase preset exactly as the
     envelope will do it. Raises ConfigError if the passphrase is missing or wrong."""
-    if config.passphrase is not None:
-        _preset(home, [p.keygrip for p in parts if p.secret and p.keygrip], config.passphrase,
-                timeout_s)
+    _preset(home, [p.keygrip for p in parts if p.secret and p.keygrip], config.passphrase,
+            timeout_s)
     fingerprint = parts[0].fingerprint
     # An expired key may still decrypt: make the probe message at a time when it was valid.
     used = [p for p in (signing, encryption) if p is not None]
@@ -530,18 +533,20 @@ class PgpEnvelope:
         self.max_plaintext_bytes = max_plaintext_bytes
         # base64url of armored, uncompressed OpenPGP is ~1.8x the plaintext, plus the packets.
         self.max_body_bytes = 2 * max_plaintext_bytes + 64 * 1024
+        self.timeout_s = timeout_s
         self._close_lock = threading.Lock()
         self._closed = False
+        self._protected_ids: frozenset[str] = frozenset().union(
+            *(k.material.keyids for k in own.enabled() if k.material.passphrase is not None)
+        )
         _create_home(home)
         try:
             self._gpg = _start(home, timeout_s)
             for key in own.enabled():
-                material: _Material = key.material
-                self._import(material.secret or material.public, key)
-                if material.passphrase is not None:
-                    _preset(home, material.keygrips, material.passphrase, timeout_s)
+                self._import(key.material.secret or key.material.public, key)
             for key in peer.enabled():
                 self._import(key.material.public, key)
+            self._preset_passphrases()
         except BaseException:
             self.close()
             raise
@@ -549,6 +554,20 @@ class PgpEnvelope:
     def _import(self, data: bytes, key: Key) -> None:
         if key.fingerprint not in _import(self._gpg, data):
             raise EngineError(f"gpg did not import key '{key.id}'")
+
+    def _preset_passphrases(self) -> None:
+        for key in self.own.enabled():
+            _preset(self.home, key.material.keygrips, key.material.passphrase, self.timeout_s)
+
+    def _run(self, args: list[str], data: bytes) -> _Status:
+        """Run gpg in the home. If the agent asked for a passphrase of one of our protected keys,
+        it lost its presets (it died and gpg started a new one): preset again, retry once."""
+        status = self._gpg.run(args, data)
+        asked = {keyid.upper() for v in status.values("NEED_PASSPHRASE") for keyid in v[:2]}
+        if status.has(*_PASSPHRASE_STATUSES) and asked & self._protected_ids:
+            self._preset_passphrases()
+            status = self._gpg.run(args, data)
+        return status
 
     @property
     def content_type(self) -> str:
@@ -576,7 +595,7 @@ class PgpEnvelope:
             args += ["--local-user", key.fingerprint]
         for key in recipients:
             args += ["--recipient", key.fingerprint]
-        status = self._gpg.run(args, plaintext)
+        status = self._run(args, plaintext)
         if status.has("INV_SGNR", "INV_RECP"):
             raise NoKeyError("gpg found a key unusable (expired or revoked)")
         if (
@@ -604,7 +623,7 @@ class PgpEnvelope:
             )
         message = _b64decode(body)
         cap = self.max_plaintext_bytes + 1
-        status = self._gpg.run(["--max-output", str(cap), "--decrypt"], message)
+        status = self._run(["--max-output", str(cap), "--decrypt"], message)
         if status.returncode is not None and status.returncode < 0:
             raise EngineError("gpg was killed")
         decrypted_by = self._check_encryption(status)

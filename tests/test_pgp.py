@@ -337,6 +337,24 @@ def test_close_stops_the_agent_and_removes_the_home(
     assert gpg_processes_under(home) == []
 
 
+def test_protected_keys_survive_an_agent_restart(
+    pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer
+) -> None:
+    partner = pgp_envelope([("partner-pw", "sec", "active"), ("partner-pw2", "sec", "active")],
+                           [("google-a", "pub", "active")])
+    message = gpg_peer.seal(PLAINTEXT, ["google-a"], ["partner-pw2"])
+
+    def kill_agent() -> None:
+        subprocess.run(["gpgconf", "--homedir", str(partner.home), "--kill", "gpg-agent"],
+                       check=True, capture_output=True)
+        assert gpg_processes_under(partner.home) == []
+
+    kill_agent()
+    assert partner.seal(PLAINTEXT).signed_by == ("partner-pw", "partner-pw2")
+    kill_agent()
+    assert partner.open(message).decrypted_by == ("partner-pw2",)
+
+
 def test_an_existing_home_is_left_alone(
     pgp_keyset: Callable[..., Keyset], runtime_dir: Path
 ) -> None:
