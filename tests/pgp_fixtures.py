@@ -50,7 +50,10 @@ _KEYS: dict[str, tuple[int, str | None]] = {
     "partner-pw": (2048, "correct horse battery"),
     "partner-pw2": (2048, "pässwört zwei"),
     "partner-3k": (3072, None),
+    "google-sub": (2048, None),
 }
+# Keys whose primary only certifies: they sign with a separate signing subkey.
+SIGNING_SUBKEY = {"google-sub"}
 # Created three days ago, expired two days ago; it was valid at EXPIRED_KEY_VALID_AT.
 EXPIRED = "google-expired"
 PGP_KEY_NAMES = (*_KEYS, EXPIRED)
@@ -201,14 +204,19 @@ class PgpKeys:
 def _generate(home: Path, name: str, bits: int, passphrase: str | None, created: int,
               expire: str) -> str:
     protection = f"Passphrase: {passphrase}" if passphrase is not None else "%no-protection"
+    usage = "cert" if name in SIGNING_SUBKEY else "sign"
     params = (
-        f"Key-Type: RSA\nKey-Length: {bits}\nKey-Usage: sign\n"
+        f"Key-Type: RSA\nKey-Length: {bits}\nKey-Usage: {usage}\n"
         f"Subkey-Type: RSA\nSubkey-Length: {bits}\nSubkey-Usage: encrypt\n"
         f"Name-Real: {name}\nName-Email: {name}@example.test\nExpire-Date: {expire}\n"
         f"{protection}\n%commit\n"
     )
     done = _gpg(home, "--faked-system-time", str(created), "--gen-key", stdin=params.encode())
-    return next(s[2] for s in _status_lines(done.stderr) if s[:2] == ["KEY_CREATED", "B"])
+    fingerprint = next(s[2] for s in _status_lines(done.stderr) if s[:2] == ["KEY_CREATED", "B"])
+    if name in SIGNING_SUBKEY:
+        _gpg(home, "--faked-system-time", str(created + 60), "--passphrase", passphrase or "",
+             "--quick-add-key", fingerprint, f"rsa{bits}", "sign", expire)
+    return fingerprint
 
 
 def _make_key(keys: PgpKeys, name: str, bits: int, passphrase: str | None, created: int,

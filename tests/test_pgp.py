@@ -219,6 +219,20 @@ def test_many_signers_many_recipients_and_two_passphrases(
         assert (opened.plaintext, opened.decrypted_by) == (PLAINTEXT, (name,))
 
 
+def test_signatures_by_a_signing_subkey_match_the_primary_fingerprint(
+    pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys, gpg_peer: GpgPeer
+) -> None:
+    google = pgp_envelope([("google-sub", "sec", "active")], [("partner-a", "pub", "active")])
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-sub", "pub", "active")])
+    (key,) = partner.peer.keys
+    assert key.fingerprint == pgp_keys.fingerprint("google-sub") and key.can_sign
+    ours = google.seal(PLAINTEXT).body
+    validsig = next(s for s in gpg_peer.open_details(ours).status if s[0] == "VALIDSIG")
+    assert validsig[10] == key.fingerprint != validsig[1]  # made by the subkey
+    for body in (ours, gpg_peer.seal(PLAINTEXT, ["google-sub"], ["partner-a"])):
+        assert partner.open(body).verified_by == ("google-sub",)
+
+
 def test_an_expired_own_key_still_decrypts(
     pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys, gpg_peer: GpgPeer
 ) -> None:
