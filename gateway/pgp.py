@@ -639,13 +639,15 @@ class PgpEnvelope:
                 raise MalformedError("the message is encrypted with a passphrase, not to a key")
             raise MalformedError("not an OpenPGP message encrypted to a public key")
         no_seckey = {v[0].upper() for v in status.values("NO_SECKEY") if v}
-        info = next(iter(status.values("DECRYPTION_INFO")), None)
-        if info is not None and len(info) >= 2 and info[1] not in ACCEPTED_CIPHERS:
-            raise AlgorithmError(f"cipher algorithm {info[1]} is refused", layer="encryption")
-        if info is not None and info[0] == "0":
-            raise DecryptError("the message has no integrity protection")
+        infos = status.values("DECRYPTION_INFO")
+        for info in infos:
+            mdc, cipher = [*info, "?", "?"][:2]
+            if cipher not in ACCEPTED_CIPHERS:
+                raise AlgorithmError(f"cipher algorithm {cipher} is refused", layer="encryption")
+            if mdc == "0":
+                raise DecryptError("the message has no integrity protection")
         ok = (
-            info is not None
+            bool(infos)
             and status.has("DECRYPTION_OKAY")
             and status.has("GOODMDC")
             and not status.has("DECRYPTION_FAILED", "BADMDC")
