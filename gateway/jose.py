@@ -1,13 +1,14 @@
-"""JOSE envelope over jwcrypto: a compact JWS signed by our key, inside a compact JWE to the peer.
+"""JOSE envelope: a compact JWS signed by our key, inside a compact JWE to the peer.
 
-The only module that imports jwcrypto; its exceptions become gateway errors in `_jwcrypto` alone.
+Only jwcrypto's keys (JWK) and algorithms (JWA) are used: compact form, sizes, accept-lists and
+kids are handled here, before any crypto. The only module that imports jwcrypto; its exceptions
+become gateway errors in `_jwcrypto` alone.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,9 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jwcrypto.jwa import JWA
-from jwcrypto.jwe import JWE
 from jwcrypto.jwk import JWK
-from jwcrypto.jws import JWS
 
 from gateway.config import (
     JWE_ENCS,
@@ -78,7 +77,9 @@ _MAX_TAG = 128
 _MAX_SIGNATURE = 1400
 _MAX_ECDH_PARAM = 512
 
-_SEGMENT = re.compile(rb"[A-Za-z0-9_-]*")
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# ECDSA signatures are r || s at the curve's size (RFC 7518 3.4).
+_EC_SIGNATURE_BYTES = {"ES256": 64, "ES384": 96, "ES512": 132}
 
 
 def _b64len(n: int) -> int:
@@ -86,12 +87,21 @@ def _b64len(n: int) -> int:
     return (4 * n + 2) // 3
 
 
+def _is_b64(segment: bytes) -> bool:
+    """Unpadded base64url: only alphabet characters, and a length some bytes encode to."""
+    return not segment.translate(None, _ALPHABET) and len(segment) % 4 != 1
+
+
 def _b64decode(segment: bytes) -> bytes:
     return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+def _b64encode(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _header(members: dict[str, Any]) -> bytes:
+    return _b64encode(json.dumps(members, separators=(",", ":")).encode("utf-8"))
 
 
 def _show(value: object) -> str:
@@ -348,7 +358,6 @@ class JoseEnvelope:
         # The inner JWS is at most header + payload + signature; the JWE carries it.
         self._jws_limit = _MAX_HEADER + _b64len(max_plaintext_bytes) + _MAX_SIGNATURE + 2
         self._ciphertext_limit = _b64len(self._jws_limit + 16)  # + a CBC padding block
-        self._accept_jws = list(options.accept_sign_algs)
 
     @property
     def content_type(self) -> str:
@@ -381,16 +390,20 @@ class JoseEnvelope:
         with _jwcrypto(
             lambda: EngineError(f"jwcrypto failed to seal with '{signer.id}' to '{recipient.id}'")
         ):
-            jws = JWS(plaintext)
-            jws.allowed_algs = [opts.sign_alg]
-            jws.add_signature(signer.material, protected={"alg": opts.sign_alg, "kid": signer.id})
-            jwe = JWE(
-                jws.serialize(compact=True).encode("ascii"),
-                protected={"alg": opts.key_alg, "enc": opts.enc, "kid": recipient.id},
-                algs=[opts.key_alg, opts.enc],
-            )
-            jwe.add_recipient(recipient.material)
-            body = jwe.serialize(compact=True).encode("ascii")
+            jws_header = _header({"alg": opts.sign_alg, "kid": signer.id})
+            signing_input = jws_header + b"." + _b64encode(plaintext)
+            signature = JWA.signing_alg(opts.sign_alg).sign(signer.material, signing_input)
+            jws = signing_input + b"." + _b64encode(signature)
+            wrap = JWA.keymgmt_alg(opts.key_alg)
+            content = JWA.encryption_alg(opts.enc)
+            header: dict[str, Any] = {"alg": opts.key_alg, "enc": opts.enc, "kid": recipient.id}
+            wrapped = wrap.wrap(recipient.material, content.wrap_key_size, None, header)
+            header.update(wrapped.get("header", {}))  # ECDH-ES: the ephemeral key, `epk`
+            protected = _header(header)
+            iv, ciphertext, tag = content.encrypt(wrapped["cek"], protected, jws)
+        body = b".".join(
+            [protected, *(_b64encode(p) for p in (wrapped.get("ek", b""), iv, ciphertext, tag))]
+        )
         return Sealed(body=body, signed_by=(signer.id,), encrypted_to=(recipient.id,))
 
     # -- open ----------------------------------------------------------------------------------
@@ -417,7 +430,7 @@ class JoseEnvelope:
         if not text:
             raise MalformedError("empty body")
         parts = text.split(b".", 5)
-        if len(parts) == 3 and all(_SEGMENT.fullmatch(p) for p in parts):
+        if len(parts) == 3 and all(_is_b64(p) for p in parts):
             raise MalformedError("a compact JWS that was never encrypted, not a JWE")
         if len(parts) != 5:
             raise MalformedError("not a compact JWE (five base64url parts)")
@@ -432,7 +445,7 @@ class JoseEnvelope:
                 raise MalformedError(f"JWE {name} of {len(segment)} characters (at most {limit})")
         if len(ciphertext) > self._ciphertext_limit:
             raise TooLargeError("JWE ciphertext is larger than the plaintext cap allows")
-        if not all(_SEGMENT.fullmatch(p) and len(p) % 4 != 1 for p in parts):
+        if not all(_is_b64(p) for p in parts):
             raise MalformedError("not a compact JWE (a part is not base64url)")
         if not (protected and iv and tag):
             raise MalformedError("not a compact JWE (empty header, iv or tag)")
@@ -511,10 +524,8 @@ class JoseEnvelope:
         if len(protected) > _MAX_HEADER or len(signature) > _MAX_SIGNATURE:
             raise SignatureError("JWS header or signature is oversized")
         if len(payload) > _b64len(self.max_plaintext_bytes):
-            raise TooLargeError(
-                f"JWS payload is over the cap of {self.max_plaintext_bytes} bytes"
-            )
-        if not all(_SEGMENT.fullmatch(p) and len(p) % 4 != 1 for p in parts) or not protected:
+            raise TooLargeError(f"JWS payload is over the cap of {self.max_plaintext_bytes} bytes")
+        if not all(_is_b64(p) for p in parts) or not protected:
             raise SignatureError("a JWE whose payload is not a compact JWS")
         header = _json_object(_b64decode(protected))
         if header is None:
@@ -523,7 +534,7 @@ class JoseEnvelope:
         if not isinstance(alg, str):
             raise SignatureError("JWS header lacks 'alg'")
         # The algorithm first: an unsigned `none` JWS is refused for its algorithm.
-        if alg not in _SIGN_KEYS or alg not in self._accept_jws:
+        if alg not in _SIGN_KEYS or alg not in self.options.accept_sign_algs:
             raise AlgorithmError(f"JWS alg {_show(alg)} is not accepted", layer="signature")
         if not signature:
             raise SignatureError("the JWS has no signature")
@@ -532,28 +543,30 @@ class JoseEnvelope:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise SignatureError("JWS kid is not a string")
+        raw_signature = _b64decode(signature)
+        if len(raw_signature) != _EC_SIGNATURE_BYTES.get(alg, len(raw_signature)):
+            raise SignatureError(f"{alg} signature of {len(raw_signature)} bytes")
         candidates = self.peer.verifiers()
         if kid is not None:
             candidates = tuple(k for k in candidates if k.id == kid)
             if not candidates:
                 raise SignatureError(f"JWS kid {_show(kid)} names no enabled, unexpired peer key")
-        compact = data.decode("ascii")
+        signing_input = data[: len(protected) + 1 + len(payload)]
         for key in candidates:
             if _can_sign_with(key, alg):
                 try:
-                    return _verify_with(key, compact, alg, self._accept_jws), key
+                    _verify_with(key, alg, signing_input, raw_signature)
                 except SignatureError:
                     continue
+                return _b64decode(payload), key
         if kid is not None:
             raise SignatureError(f"bad signature by peer key '{kid}'")
         raise SignatureError("no enabled, unexpired peer key verifies the JWS")
 
 
 def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:
-    """Unwrap the CEK with `key` and decrypt. The header was checked against the accept-lists
-    first, so only accepted algorithms ever reach jwcrypto. jwcrypto's JWE object is not used
-    for this step: it would inflate `zip` itself under its own global caps, and its failures
-    could not be told apart (bad key vs. zip bomb); here the caller inflates with our cap."""
+    """Unwrap the CEK with `key` and decrypt. The header was checked against the route's
+    accept-lists and the key's type first, so only accepted algorithms reach jwcrypto."""
     header = jwe.header
     params = {name: header[name] for name in ("alg", "enc", "epk", "apu", "apv") if name in header}
     with _jwcrypto(lambda: DecryptError(f"own key '{key.id}' does not decrypt this JWE")):
@@ -564,14 +577,11 @@ def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:
     return plaintext
 
 
-def _verify_with(key: Key, compact: str, alg: str, accept: list[str]) -> bytes:
+def _verify_with(key: Key, alg: str, signing_input: bytes, signature: bytes) -> None:
+    """Raises SignatureError unless `signature` is `key`'s over `signing_input`. `alg` was
+    checked against the route's accept-list and the key's type first."""
     with _jwcrypto(lambda: SignatureError(f"bad signature by peer key '{key.id}'")):
-        jws = JWS()
-        jws.allowed_algs = list(accept)
-        jws.deserialize(compact)
-        jws.verify(key.material, alg=alg)
-        payload: bytes = jws.payload
-    return payload
+        JWA.signing_alg(alg).verify(key.material, signing_input, signature)
 
 
 def _inflate(data: bytes, limit: int) -> bytes:

@@ -12,7 +12,7 @@ import zlib
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -338,6 +338,7 @@ def test_bad_signatures(jose_keys: JoseKeys, jose_partner: JoseEnvelope) -> None
         ),
         "signature of other payload": signed(jose_keys).rsplit(".", 1)[0] + "."
         + signed(jose_keys, payload=b"other").rsplit(".", 1)[1],
+        "ES256 signature in DER, not r || s": _der_es256(jose_keys),
     }
     for name, inner in cases.items():
         with pytest.raises(SignatureError):
@@ -351,6 +352,15 @@ def test_unsigned(jose_keys: JoseKeys, jose_partner: JoseEnvelope) -> None:
         assert unsigned.endswith(".")
         refused(jose_partner, to_partner(jose_keys, unsigned), SignatureError, "signature")
     refused(jose_partner, to_partner(jose_keys, SECRET), SignatureError, "signature")
+
+
+def _der_es256(keys: JoseKeys) -> str:
+    key = keys.key("google-sig-ec")
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    header = {"alg": "ES256", "kid": "google-sig-ec"}
+    signing_input = f"{b64u(json.dumps(header))}.{b64u(SECRET)}"
+    der = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    return f"{signing_input}.{b64u(der)}"
 
 
 def test_tampered_jws_inside_a_good_jwe(jose_keys: JoseKeys, jose_partner: JoseEnvelope) -> None:
