@@ -21,9 +21,10 @@ from gateway.app import Gateway, build_gateway
 from gateway.config import load_config
 from gateway.metrics import Metrics
 from tests.jose_fixtures import JoseKeys, NodeJose, craft_jwe
+from tests.pgp_fixtures import GpgPeer, PgpKeys
 
 __all__ = [
-    "ANSWER", "PLAINTEXT_TYPE", "REQUEST", "Google", "JoseGoogle", "Pki", "config",
+    "ANSWER", "PLAINTEXT_TYPE", "REQUEST", "Google", "JoseGoogle", "PgpGoogle", "Pki", "config",
     "memory_handshake", "pki", "post", "running_gateway",
 ]
 
@@ -189,6 +190,48 @@ class JoseGoogle:
         plaintext, jws_header, _ = self.node.open(body, k.private("google-enc-a"),
                                                   [k.public("partner-sig-a")])
         return plaintext, [str(jws_header["kid"])]
+
+
+class PgpGoogle:
+    """The gpg command line as Google: signs with google-a, encrypts to partner-pw (a
+    passphrase-protected key of ours)."""
+
+    scheme = "pgp"
+
+    def __init__(self, keys: PgpKeys, peer: GpgPeer) -> None:
+        self.keys = keys
+        self.peer = peer
+
+    def keysets(self, *, expiring_recipient: datetime | None = None) -> str:
+        k = self.keys
+        google = f"{{id: google-a, file: {k.pub('google-a')}}}"
+        if expiring_recipient is not None:
+            # google-a only verifies; the one recipient, google-b, expires while running.
+            google = (f"{{id: google-a, file: {k.pub('google-a')}, state: read-only}}\n"
+                      f"              - {{id: google-b, file: {k.pub('google-b')}, "
+                      f"not_after: '{expiring_recipient.isoformat()}'}}")
+        return f"""
+        keysets:
+          partner:
+            type: pgp
+            keys:
+              - {{id: partner-pw, file: {k.sec('partner-pw')},
+                  passphrase_file: {k.passphrase_file('partner-pw')}}}
+          google:
+            type: pgp
+            keys:
+              - {google}
+        """
+
+    def seal(self, plaintext: bytes, variant: str = "good") -> bytes:
+        signer = "stranger" if variant == "stranger_signer" else "google-a"
+        recipient = "stranger" if variant == "wrong_recipient" else "partner-pw"
+        signers = () if variant == "unsigned" else (signer,)
+        return self.peer.seal(plaintext, sign_with=signers, encrypt_to=(recipient,))
+
+    def open(self, body: bytes) -> tuple[bytes, list[str]]:
+        plaintext, fingerprints = self.peer.open(body)
+        return plaintext, [self.keys.name_of(f) for f in fingerprints]
 
 
 def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = "",

@@ -23,21 +23,24 @@ from tests.e2e import (
     REQUEST,
     Google,
     JoseGoogle,
+    PgpGoogle,
     Pki,
     config,
     memory_handshake,
     post,
     running_gateway,
 )
-from tests.jose_fixtures import JoseKeys, NodeJose
 from tests.peers import ConnectProxy, StandIn, echo_partner, json_answer, slow
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(params=["jose"])
-def google(request: pytest.FixtureRequest, jose_keys: JoseKeys, node_jose: NodeJose) -> Google:
-    return JoseGoogle(jose_keys, node_jose)
+@pytest.fixture(params=["pgp", "jose"])
+def google(request: pytest.FixtureRequest) -> Google:
+    if request.param == "pgp":
+        return PgpGoogle(request.getfixturevalue("pgp_keys"),
+                         request.getfixturevalue("gpg_peer"))
+    return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
 
 
 @pytest.fixture
