@@ -205,7 +205,8 @@ class _StandInGoogle:
         body = await request.read()
         opened = await asyncio.to_thread(envelope.open, body)
         message = json.loads(opened.plaintext)
-        answer = {"responseHeader": {"responseTimestamp": {"epochMillis": str(int(time.time()))}},
+        answer = {"responseHeader": {"responseTimestamp": {
+            "epochMillis": str(int(time.time() * 1000))}},
                   "clientMessage": message.get("clientMessage"),
                   "serverMessage": "pong from the stand-in Google"}
         sealed = await asyncio.to_thread(envelope.seal, json.dumps(answer).encode())
