@@ -79,6 +79,9 @@ _AGENT_CONF = (
 )
 _MAX_OUTPUT_HIT = re.compile(r"^gpg: error writing to .*: exceeded --max-output limit$", re.M)
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
+MAX_SESSION_KEY_PACKETS = 32
+_SESSION_KEY_TAGS = {1, 3}  # public-key and symmetric-key encrypted session key
+_ENCRYPTED_DATA_TAGS = {9, 18, 20}  # SED, SEIPD, AEAD; gpg then refuses all but SEIPD+MDC
 _PASSPHRASE_STATUSES = {"BAD_PASSPHRASE", "MISSING_PASSPHRASE", "INQUIRE_MAXLEN"}
 
 
@@ -476,6 +479,64 @@ def _b64decode(body: bytes) -> bytes:
         raise MalformedError("the body is not base64url") from None
 
 
+def _dearmor(text: bytes) -> bytes:
+    lines = [line.strip() for line in text.splitlines()]
+    begin = next((i for i, x in enumerate(lines) if x.startswith(b"-----BEGIN PGP MESSAGE")), None)
+    end = next((i for i, x in enumerate(lines) if x.startswith(b"-----END PGP MESSAGE")), None)
+    if begin is None or end is None or end < begin:
+        raise MalformedError("not an ASCII-armored OpenPGP message")
+    # Skip armor headers ("Key: value"; ':' is not base64) and the "=XXXX" checksum line.
+    data = [x for x in lines[begin + 1:end]
+            if x and b":" not in x and not (x.startswith(b"=") and len(x) == 5)]
+    try:
+        return base64.b64decode(b"".join(data))
+    except (binascii.Error, ValueError):
+        raise MalformedError("not an ASCII-armored OpenPGP message") from None
+
+
+def _packet(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, body offset, body length or -1 when partial/indeterminate) of the packet at `pos`
+    (RFC 4880 4.2). Raises MalformedError if there is none."""
+    if pos >= len(data) or not data[pos] & 0x80:
+        raise MalformedError("not an OpenPGP message")
+    first, rest = data[pos], data[pos + 1:pos + 6]
+    if first & 0x40:
+        tag = first & 0x3F
+        if not rest:
+            raise MalformedError("truncated OpenPGP packet header")
+        if rest[0] < 192:
+            return tag, pos + 2, rest[0]
+        if rest[0] < 224 and len(rest) >= 2:
+            return tag, pos + 3, ((rest[0] - 192) << 8) + rest[1] + 192
+        if rest[0] == 255 and len(rest) >= 5:
+            return tag, pos + 6, int.from_bytes(rest[1:5], "big")
+        return tag, pos + 2, -1
+    tag, size = (first >> 2) & 0x0F, {0: 1, 1: 2, 2: 4}.get(first & 0x03, 0)
+    if len(rest) < size:
+        raise MalformedError("truncated OpenPGP packet header")
+    return tag, pos + 1 + size, int.from_bytes(rest[:size], "big") if size else -1
+
+
+def _check_structure(message: bytes) -> None:
+    """Refuse, before gpg runs, what does not start as an encrypted message does (session-key
+    packets, then encrypted data), and more session-key packets than any sender needs: gpg
+    spends an RSA decryption on each one addressed to us."""
+    data = _dearmor(message) if message.lstrip().startswith(b"-----BEGIN ") else message
+    pos = count = 0
+    while True:
+        tag, start, length = _packet(data, pos)
+        if tag not in _SESSION_KEY_TAGS:
+            break
+        count += 1
+        if count > MAX_SESSION_KEY_PACKETS or length < 0:
+            raise MalformedError(
+                f"more than {MAX_SESSION_KEY_PACKETS} session-key packets, or a broken one"
+            )
+        pos = start + length
+    if not count or tag not in _ENCRYPTED_DATA_TAGS:
+        raise MalformedError("not an encrypted OpenPGP message")
+
+
 @dataclass
 class _Signature:
     kind: str = ""
@@ -622,6 +683,7 @@ class PgpEnvelope:
                 f"body of {len(body)} bytes is over the {self.max_body_bytes} byte limit"
             )
         message = _b64decode(body)
+        _check_structure(message)
         cap = self.max_plaintext_bytes + 1
         status = self._run(["--max-output", str(cap), "--decrypt"], message)
         if status.returncode is not None and status.returncode < 0:

@@ -184,6 +184,33 @@ def test_two_messages_in_one_body(partner: PgpEnvelope, gpg_peer: GpgPeer, good:
         partner.open(b64url(unb64url(good) + unb64url(other)))
 
 
+def _bogus_session_keys(good: bytes, count: int) -> bytes:
+    """`count` copies of the message's first session-key packet, damaged, then the message."""
+    raw = unb64url(good)
+    assert raw[0] == 0x85  # old-format header, tag 1, two length octets
+    packet = bytearray(raw[: 3 + int.from_bytes(raw[1:3], "big")])
+    packet[-5] ^= 0xFF
+    return b64url(bytes(packet) * count + raw)
+
+
+def test_a_few_session_keys_that_fail_are_tried(partner: PgpEnvelope, good: bytes) -> None:
+    assert partner.open(_bogus_session_keys(good, 3)).plaintext == SECRET
+
+
+def test_a_flood_of_session_keys_is_refused_before_gpg(partner: PgpEnvelope, good: bytes) -> None:
+    body = _bogus_session_keys(good, 1000)  # gpg would spend ~2 ms of RSA on each
+    started = time.monotonic()
+    refused(partner, body, MalformedError)
+    assert time.monotonic() - started < 0.5
+
+
+def test_hidden_recipients_and_armor_headers(partner: PgpEnvelope, gpg_peer: GpgPeer) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], armor=True,
+                         extra_args=["--throw-keyids", "--comment", "made: by gpg"])
+    assert b"Comment: made: by gpg" in unb64url(body)
+    assert partner.open(body).decrypted_by == ("partner-a",)
+
+
 @pytest.mark.parametrize("algo", ["zlib", "bzip2"])
 def test_compression_bomb(
     pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer, algo: str
