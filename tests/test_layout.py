@@ -23,7 +23,7 @@ ALLOWED = {
     "proxy": {"envelope", "errors", "metrics", "snapshot"},
     "app": {"config", "metrics", "proxy", "snapshot"},
     "demo": {"app", "config", "envelope", "errors", "jose", "keys", "logs", "metrics", "pgp",
-             "snapshot"},
+             "snapshot", "tls"},
     "__main__": {"app", "config", "demo", "errors", "logs", "snapshot"},
     "__init__": set(),
 }
