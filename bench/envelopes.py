@@ -1,0 +1,359 @@
+"""Envelope benchmark: seal+open round trips per second, JOSE and PGP, beside the raw
+`cryptography` floor doing the same crypto work, all measured in one run. Not a test.
+
+    .venv/bin/python bench/envelopes.py [--quick] [--seconds S] [--bits 2048 3072] [--no-pgp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.config import JoseOptions, KeyConfig, KeysetConfig, KeyState, PgpOptions
+from gateway.envelope import Envelope
+from gateway.jose import JoseEnvelope, load_jose_keyset
+
+SIZES = {"1 KiB": 1024, "64 KiB": 64 * 1024}
+MAX_PLAINTEXT = 1 << 20
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class Result:
+    bits: int
+    size: str
+    name: str
+    floor: str | None  # the floor row this one is compared with
+    per_second: float
+    median_ms: float
+    runs: int
+
+
+def measure(
+    candidates: dict[str, Callable[[], object]], seconds: float, min_runs: int = 5
+) -> dict[str, tuple[float, float, int]]:
+    """Run every candidate once per round, in turn, until `seconds` per candidate are spent:
+    load from elsewhere on the machine then falls on all of them alike. Returns, per name,
+    round trips per second (runs over time spent in it), median milliseconds and runs."""
+    for trip in candidates.values():
+        trip()
+        trip()
+    gc.collect()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    budget = seconds * len(candidates)
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < min_runs or time.perf_counter() - started < budget:
+        for name, trip in candidates.items():
+            t0 = time.perf_counter()
+            trip()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {
+        name: (len(runs) / sum(runs), statistics.median(runs) * 1000, len(runs))
+        for name, runs in times.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor: what one JWS-in-JWE round trip must compute, done directly with `cryptography`.
+
+
+def floor_round_trip(
+    signer: PrivateKey, recipient: rsa.RSAPrivateKey, scheme: str, plaintext: bytes
+) -> Callable[[], object]:
+    """Sign (PKCS1v15, PSS or ECDSA, SHA-256), AES-256-GCM encrypt under a fresh key wrapped
+    with RSA-OAEP-256; then unwrap, decrypt and verify."""
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    recipient_public = recipient.public_key()
+    signer_public = signer.public_key()
+
+    def sign(data: bytes) -> bytes:
+        if isinstance(signer, ec.EllipticCurvePrivateKey):
+            return signer.sign(data, ec.ECDSA(hashes.SHA256()))
+        pad = padding.PKCS1v15() if scheme == "PKCS1v15" else _pss()
+        return signer.sign(data, pad, hashes.SHA256())
+
+    def verify(signature: bytes, data: bytes) -> None:
+        if isinstance(signer_public, ec.EllipticCurvePublicKey):
+            signer_public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        else:
+            assert isinstance(signer_public, rsa.RSAPublicKey)
+            pad = padding.PKCS1v15() if scheme == "PKCS1v15" else _pss()
+            signer_public.verify(signature, data, pad, hashes.SHA256())
+
+    def round_trip() -> bytes:
+        signature = sign(plaintext)
+        cek, iv = AESGCM.generate_key(256), os.urandom(12)
+        wrapped = recipient_public.encrypt(cek, oaep)
+        ciphertext = AESGCM(cek).encrypt(iv, plaintext + signature, None)
+        opened = AESGCM(recipient.decrypt(wrapped, oaep)).decrypt(iv, ciphertext, None)
+        verify(opened[len(plaintext):], opened[: len(plaintext)])
+        return opened
+
+    return round_trip
+
+
+def _pss() -> padding.PSS:
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# JOSE
+
+
+def write_pem(key: PrivateKey, directory: Path, name: str) -> tuple[Path, Path]:
+    private = directory / f"{name}.pem"
+    public = directory / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo,
+    ))
+    return private, public
+
+
+def jose_keyset(name: str, keys: list[tuple[str, Path, str]]) -> KeysetConfig:
+    return KeysetConfig(
+        name=name,
+        type="jose",
+        place=f"keysets.{name}",
+        keys=tuple(
+            KeyConfig(id=key_id, file=file, state=KeyState.ACTIVE, use=use,  # type: ignore[arg-type]
+                      place=f"keysets.{name}.keys[{i}]")
+            for i, (key_id, file, use) in enumerate(keys)
+        ),
+    )
+
+
+def jose_pair(
+    directory: Path, partner_sig: PrivateKey, google_enc: rsa.RSAPrivateKey, sign_alg: str
+) -> tuple[JoseEnvelope, JoseEnvelope]:
+    """(partner, google): the partner seals, Google opens."""
+    sig, sig_pub = write_pem(partner_sig, directory, f"partner-sig-{sign_alg}")
+    enc, enc_pub = write_pem(google_enc, directory, "google-enc")
+    # Each side needs both uses configured; the unused halves are never exercised.
+    partner = JoseEnvelope(
+        load_jose_keyset(jose_keyset("partner", [("partner-sig", sig, "sig"),
+                                                 ("partner-enc", enc, "enc")])),
+        load_jose_keyset(jose_keyset("google", [("google-enc", enc_pub, "enc")])),
+        JoseOptions(sign_alg=sign_alg),
+        max_plaintext_bytes=MAX_PLAINTEXT,
+    )
+    google = JoseEnvelope(
+        load_jose_keyset(jose_keyset("google", [("google-enc", enc, "enc")])),
+        load_jose_keyset(jose_keyset("partner", [("partner-sig", sig_pub, "sig")])),
+        JoseOptions(sign_alg=sign_alg),
+        max_plaintext_bytes=MAX_PLAINTEXT,
+    )
+    return partner, google
+
+
+def envelope_round_trip(
+    sealer: Envelope, opener: Envelope, plaintext: bytes
+) -> Callable[[], object]:
+    def round_trip() -> bytes:
+        opened = opener.open(sealer.seal(plaintext).body)
+        assert opened.plaintext == plaintext  # a benchmark of a broken envelope means nothing
+        return opened.plaintext
+
+    return round_trip
+
+
+# ---------------------------------------------------------------------------------------------
+# PGP (gateway.pgp, written alongside; its rows run when it imports and gpg is installed)
+
+
+def _gpg(home: Path, *args: str, stdin: bytes = b"") -> bytes:
+    done = subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--no-tty", "--pinentry-mode", "loopback",
+         *args],
+        input=stdin, capture_output=True, timeout=300, check=True,
+    )
+    return done.stdout
+
+
+def make_pgp_key(directory: Path, name: str, bits: int) -> tuple[Path, Path]:
+    """An RSA primary (sign) with an RSA encryption subkey, exported armored."""
+    home = Path(tempfile.mkdtemp(prefix="g", dir=directory))
+    try:
+        params = (
+            f"Key-Type: RSA\nKey-Length: {bits}\nKey-Usage: sign\nSubkey-Type: RSA\n"
+            f"Subkey-Length: {bits}\nSubkey-Usage: encrypt\nName-Real: {name}\n"
+            f"Name-Email: {name}@example.test\nExpire-Date: 1y\n%no-protection\n%commit\n"
+        )
+        _gpg(home, "--gen-key", stdin=params.encode())
+        secret, public = directory / f"{name}.sec.asc", directory / f"{name}.pub.asc"
+        secret.write_bytes(_gpg(home, "--armor", "--export-secret-keys"))
+        public.write_bytes(_gpg(home, "--armor", "--export"))
+        return secret, public
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                       capture_output=True, timeout=30, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def pgp_pair(directory: Path, bits: int) -> Iterator[tuple[Envelope, Envelope]]:
+    """(partner, google) PGP envelopes with fresh RSA-`bits` keys."""
+    from gateway.pgp import PgpEnvelope, load_pgp_keyset
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        partner_files, google_files = pool.map(
+            lambda name: make_pgp_key(directory, f"{name}-{bits}", bits), ["partner", "google"]
+        )
+
+    def keyset(name: str, file: Path) -> KeysetConfig:
+        key = KeyConfig(id=name, file=file, state=KeyState.ACTIVE, place=f"keysets.{name}.keys[0]")
+        return KeysetConfig(name=name, type="pgp", keys=(key,), place=f"keysets.{name}")
+
+    scratch = directory / f"s{bits}"
+    partner = PgpEnvelope(
+        load_pgp_keyset(keyset("partner", partner_files[0]), scratch),
+        load_pgp_keyset(keyset("google", google_files[1]), scratch),
+        PgpOptions(), directory / f"p{bits}", max_plaintext_bytes=MAX_PLAINTEXT,
+    )
+    try:
+        google = PgpEnvelope(
+            load_pgp_keyset(keyset("google", google_files[0]), scratch),
+            load_pgp_keyset(keyset("partner", partner_files[1]), scratch),
+            PgpOptions(), directory / f"g{bits}", max_plaintext_bytes=MAX_PLAINTEXT,
+        )
+        try:
+            yield partner, google
+        finally:
+            google.close()
+    finally:
+        partner.close()
+
+
+def pgp_unavailable() -> str | None:
+    if shutil.which("gpg") is None:
+        return "gpg is not installed"
+    try:
+        import gateway.pgp  # noqa: F401
+    except ImportError as exc:
+        return f"gateway.pgp does not import ({exc})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
+        report: Callable[[Result], None]) -> list[Result]:
+    results: list[Result] = []
+
+    def add(result: Result) -> None:
+        results.append(result)
+        report(result)
+
+    ec_signer = ec.generate_private_key(ec.SECP256R1())
+    for bits in bits_list:
+        rsa_signer = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        rsa_recipient = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        pairs = {
+            alg: jose_pair(directory, ec_signer if alg == "ES256" else rsa_signer,
+                           rsa_recipient, alg)
+            for alg in ("RS256", "PS256", "ES256")
+        }
+        pgp = pgp_pair(directory, bits) if with_pgp else None
+        pgp_envelopes = pgp.__enter__() if pgp is not None else None
+        try:
+            for size_name, size in SIZES.items():
+                plaintext = os.urandom(size)
+                candidates: dict[str, Callable[[], object]] = {
+                    "floor PKCS1v15": floor_round_trip(rsa_signer, rsa_recipient, "PKCS1v15",
+                                                       plaintext),
+                    "floor PSS": floor_round_trip(rsa_signer, rsa_recipient, "PSS", plaintext),
+                    "floor ECDSA": floor_round_trip(ec_signer, rsa_recipient, "ECDSA", plaintext),
+                }
+                compared = {"JOSE RS256": "floor PKCS1v15", "JOSE PS256": "floor PSS",
+                            "JOSE ES256": "floor ECDSA"}
+                for alg in ("RS256", "PS256", "ES256"):
+                    candidates[f"JOSE {alg}"] = envelope_round_trip(*pairs[alg], plaintext)
+                if pgp_envelopes is not None:
+                    candidates["PGP (gpg)"] = envelope_round_trip(*pgp_envelopes, plaintext)
+                    compared["PGP (gpg)"] = "floor PSS"
+                for name, figures in measure(candidates, seconds).items():
+                    add(Result(bits, size_name, name, compared.get(name), *figures))
+        finally:
+            if pgp is not None:
+                pgp.__exit__(None, None, None)
+    return results
+
+
+HEADER = f"{'RSA':>5}  {'plaintext':<9}  {'round trip':<15}{'rt/s':>9}{'median ms':>11}" \
+         f"{'runs':>7}  {'x floor':>8}"
+
+
+def line(result: Result, floors: dict[tuple[int, str, str], Result]) -> str:
+    ratio = ""
+    if result.floor is not None:
+        floor = floors[result.bits, result.size, result.floor]
+        ratio = f"{result.median_ms / floor.median_ms:6.2f}x  (vs {result.floor})"
+    return (f"{result.bits:>5}  {result.size:<9}  {result.name:<15}{result.per_second:>9.1f}"
+            f"{result.median_ms:>11.2f}{result.runs:>7}  {ratio}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=1.5,
+                        help="time spent on each row (default 1.5)")
+    parser.add_argument("--quick", action="store_true", help="0.25 s per row, RSA-2048 only")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2048, 3072])
+    parser.add_argument("--no-pgp", action="store_true", help="skip the PGP rows")
+    args = parser.parse_args(argv)
+    seconds = 0.25 if args.quick else args.seconds
+    bits = [2048] if args.quick else args.bits
+
+    pgp_note = "skipped (--no-pgp)" if args.no_pgp else pgp_unavailable()
+    print(f"Python {platform.python_version()}, cryptography {version('cryptography')}, "
+          f"jwcrypto {version('jwcrypto')}, {os.cpu_count()} CPUs, {platform.machine()}; "
+          f"{seconds:g} s per row")
+    if pgp_note:
+        print(f"PGP rows: {pgp_note}")
+    print("A round trip is one seal by the partner side and one open by the Google side.")
+    print("x floor compares medians with the raw `cryptography` work of the same round trip.")
+    print()
+    print(HEADER)
+    floors: dict[tuple[int, str, str], Result] = {}
+    started = time.perf_counter()
+
+    def report(result: Result) -> None:
+        if result.floor is None:
+            floors[result.bits, result.size, result.name] = result
+        print(line(result, floors), flush=True)
+
+    directory = Path(tempfile.mkdtemp(prefix="gwb-", dir="/tmp"))
+    directory.chmod(0o700)
+    try:
+        run(bits, seconds, pgp_note is None, directory, report)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
