@@ -539,6 +539,8 @@ def _check_structure(message: bytes) -> None:
 
 @dataclass
 class _Signature:
+    """One signature as gpg's status lines describe it."""
+
     kind: str = ""
     primary: str = ""
     hash_algo: str = ""
@@ -548,6 +550,7 @@ class _Signature:
 
 
 def _signatures(lines: Sequence[tuple[str, list[str]]]) -> list[_Signature]:
+    """The signatures in `lines`, each begun by a NEWSIG line."""
     sigs: list[_Signature] = []
     for key, value in lines:
         if key == "NEWSIG":
@@ -557,11 +560,12 @@ def _signatures(lines: Sequence[tuple[str, list[str]]]) -> list[_Signature]:
         elif key in ("GOODSIG", "BADSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG") and value:
             sigs[-1].kind, sigs[-1].keyid = key, value[0].upper()
         elif key == "ERRSIG" and len(value) >= 6:
-            sig = sigs[-1]
-            sig.kind, sig.keyid, sig.hash_algo, sig.errsig_rc = key, value[0].upper(), value[2], \
-                value[5]
-            sig.issuer = value[6].upper() if len(value) > 6 else ""
+            # ERRSIG <keyid> <pkalgo> <hashalgo> <class> <time> <rc> [<issuer fpr>]
+            sigs[-1] = _Signature(kind=key, keyid=value[0].upper(), hash_algo=value[2],
+                                  errsig_rc=value[5], issuer="".join(value[6:7]).upper())
         elif key == "VALIDSIG" and len(value) >= 9:
+            # VALIDSIG <fpr> <date> <time> <expire> <version> <reserved> <pkalgo> <hashalgo>
+            #          <class> <primary fpr>: the signer is matched on the primary key.
             sigs[-1].hash_algo = value[7]
             sigs[-1].primary = (value[9] if len(value) > 9 else value[0]).upper()
     return sigs

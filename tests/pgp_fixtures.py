@@ -54,7 +54,7 @@ _KEYS: dict[str, tuple[int, str | None]] = {
 }
 # Keys whose primary only certifies: they sign with a separate signing subkey.
 SIGNING_SUBKEY = {"google-sub"}
-# Created three days ago, expired two days ago; it was valid at EXPIRED_KEY_VALID_AT.
+# Created three days ago, expired two days ago; valid at PgpKeys.expired_key_valid_at.
 EXPIRED = "google-expired"
 PGP_KEY_NAMES = (*_KEYS, EXPIRED)
 
@@ -103,7 +103,7 @@ def _gpg(home: Path, *args: str, stdin: bytes = b"", check: bool = True,
         input=stdin, capture_output=True, timeout=120, check=False,
     )
     if check and done.returncode != 0:
-        raise GpgPeerError(f"gpg {' '.join(args[:3])} failed: {done.stderr.decode()[-2000:]}")
+        raise GpgPeerError(f"gpg failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
     return done
 
 
@@ -184,21 +184,6 @@ class PgpKeys:
                 for i, (name, kind, state) in enumerate(entries)
             ),
         )
-
-    def keyset_yaml(self, entries: KeyEntries) -> dict[str, Any]:
-        """The same keyset as a config.yaml mapping (absolute paths, passphrase_file)."""
-        keys: list[dict[str, Any]] = []
-        for name, kind, state in entries:
-            key: dict[str, Any] = {
-                "id": name,
-                "file": str(self.sec(name) if kind == "sec" else self.pub(name)),
-                "state": KeyState(state).value,
-            }
-            passphrase_file = self.passphrase_file(name)
-            if kind == "sec" and passphrase_file is not None:
-                key["passphrase_file"] = str(passphrase_file)
-            keys.append(key)
-        return {"type": "pgp", "keys": keys}
 
 
 def _generate(home: Path, name: str, bits: int, passphrase: str | None, created: int,
