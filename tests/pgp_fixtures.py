@@ -259,20 +259,27 @@ class GpgPeer:
         self.keys = keys
         self.home = home
         _new_home(home)
-        for name in PGP_KEY_NAMES if names is None else names:
-            _gpg(home, "--import", str(keys.sec(name)))
-            passphrase = keys.passphrase(name)
-            if passphrase is None:
-                continue
-            listing = _gpg(home, "--with-colons", "--with-keygrip", "--list-secret-keys",
-                           keys.fingerprint(name)).stdout.decode()
-            for line in listing.splitlines():
-                if line.startswith("grp:"):
-                    subprocess.run(
-                        [_preset_program(), "--preset", line.split(":")[9]],
-                        input=passphrase.encode() + b"\n", env={"GNUPGHOME": str(home)},
-                        capture_output=True, timeout=30, check=True,
-                    )
+        try:
+            for name in PGP_KEY_NAMES if names is None else names:
+                self._add_key(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add_key(self, name: str) -> None:
+        _gpg(self.home, "--import", str(self.keys.sec(name)))
+        passphrase = self.keys.passphrase(name)
+        if passphrase is None:
+            return
+        listing = _gpg(self.home, "--with-colons", "--with-keygrip", "--list-secret-keys",
+                       self.keys.fingerprint(name)).stdout.decode()
+        for line in listing.splitlines():
+            if line.startswith("grp:"):
+                subprocess.run(
+                    [_preset_program(), "--preset", line.split(":")[9]],
+                    input=passphrase.encode() + b"\n", env={"GNUPGHOME": str(self.home)},
+                    capture_output=True, timeout=30, check=True,
+                )
 
     def gpg(self, *args: str, stdin: bytes = b"", check: bool = True,
             ) -> subprocess.CompletedProcess[bytes]:
