@@ -15,6 +15,8 @@ from gateway.errors import ConfigError
 from gateway.logs import setup_logging
 from gateway.snapshot import build_snapshot, prepare_runtime_dir, stop_agents
 
+TWO_YEARS = timedelta(days=731)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -91,11 +93,16 @@ def _check(path: Path) -> int:
                 days = (key.expires - now).days
                 note = f"  WARNING: expires in {days} days"
                 warnings += 1
+            elif keyset.type == "pgp" and key.private and (
+                key.expires is None or key.expires > now + TWO_YEARS
+            ):
+                note = "  WARNING: valid for more than two years (Google: one year, two at most)"
+                warnings += 1
             kind = "private" if key.private else "public"
             print(f"  {key.id:<24} {key.state.value:<10} {kind:<7} {key.algorithm:<9} "
                   f"{'+'.join(key.capabilities):<12} {key.fingerprint}  expires {expiry}{note}")
     if warnings:
-        print(f"{warnings} key(s) expire within {config.warn_expiry_days} days")
+        print(f"{warnings} warning(s)")
     return 0
 
 

@@ -26,6 +26,11 @@ class Sealed:
     signed_by: tuple[str, ...]
     encrypted_to: tuple[str, ...]
 
+    def key_uses(self) -> tuple[tuple[str, str, str], ...]:
+        """(own|peer, key id, op) for each key that did work, for metrics and logs."""
+        return tuple(("own", k, "sign") for k in self.signed_by) + tuple(
+            ("peer", k, "encrypt") for k in self.encrypted_to)
+
 
 @dataclass(frozen=True)
 class Opened:
@@ -34,6 +39,11 @@ class Opened:
     plaintext: bytes
     decrypted_by: tuple[str, ...]
     verified_by: tuple[str, ...]
+
+    def key_uses(self) -> tuple[tuple[str, str, str], ...]:
+        """(own|peer, key id, op) for each key that did work, for metrics and logs."""
+        return tuple(("own", k, "decrypt") for k in self.decrypted_by) + tuple(
+            ("peer", k, "verify") for k in self.verified_by)
 
 
 class Envelope(Protocol):

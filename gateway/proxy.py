@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.snapshot import Current, RouteRuntime
 
 T = TypeVar("T")
+R = TypeVar("R", Sealed, Opened)
 log = logging.getLogger("gateway.proxy")
 
 SERVER = "cards-qr-gateway"
@@ -184,45 +185,34 @@ class Proxy:
 
     async def _open(self, route: RouteRuntime, body: bytes, record: dict[str, Any],
                     phase: str = "request") -> Opened:
-        started = time.perf_counter()
-        try:
-            opened = await self._run(route.envelope.open, body)
-        except (EnvelopeError, EngineError) as exc:
-            self._crypto_failure(route, "open", exc)
-            raise Failure(_status_for(exc, route.config.direction, "open"), exc.reason,
-                          phase) from None
-        finally:
-            self.metrics.crypto_duration.labels(self.route_name, "open").observe(
-                time.perf_counter() - started)
-        for key_id in opened.decrypted_by:
-            self.metrics.key_uses.labels(route.config.own_keys, key_id, "decrypt").inc()
-        for key_id in opened.verified_by:
-            self.metrics.key_uses.labels(route.config.peer_keys, key_id, "verify").inc()
-        record.setdefault("key_ids", {}).update(
-            decrypted=list(opened.decrypted_by), verified=list(opened.verified_by))
+        opened = await self._crypto(route, "open", route.envelope.open, body, record, phase)
         if "request_id" not in record:
             record["request_id"] = await self._run(_request_id, opened.plaintext)
         return opened
 
     async def _seal(self, route: RouteRuntime, plaintext: bytes, record: dict[str, Any],
                     phase: str) -> Sealed:
+        return await self._crypto(route, "seal", route.envelope.seal, plaintext, record, phase)
+
+    async def _crypto(self, route: RouteRuntime, op: str, function: Callable[[bytes], R],
+                      data: bytes, record: dict[str, Any], phase: str) -> R:
+        """Run one seal or open in the executor; count its time, failures and key uses."""
         started = time.perf_counter()
         try:
-            sealed = await self._run(route.envelope.seal, plaintext)
+            result = await self._run(function, data)
         except (EnvelopeError, EngineError) as exc:
-            self._crypto_failure(route, "seal", exc)
-            raise Failure(_status_for(exc, route.config.direction, "seal"), exc.reason,
+            self._crypto_failure(route, op, exc)
+            raise Failure(_status_for(exc, route.config.direction, op), exc.reason,
                           phase) from None
         finally:
-            self.metrics.crypto_duration.labels(self.route_name, "seal").observe(
+            self.metrics.crypto_duration.labels(self.route_name, op).observe(
                 time.perf_counter() - started)
-        for key_id in sealed.signed_by:
-            self.metrics.key_uses.labels(route.config.own_keys, key_id, "sign").inc()
-        for key_id in sealed.encrypted_to:
-            self.metrics.key_uses.labels(route.config.peer_keys, key_id, "encrypt").inc()
-        record.setdefault("key_ids", {}).update(
-            signed=list(sealed.signed_by), encrypted=list(sealed.encrypted_to))
-        return sealed
+        keysets = {"own": route.config.own_keys, "peer": route.config.peer_keys}
+        used = record.setdefault("key_ids", {})
+        for role, key_id, key_op in result.key_uses():
+            self.metrics.key_uses.labels(keysets[role], key_id, key_op).inc()
+            used.setdefault(key_op, []).append(key_id)
+        return result
 
     async def _forward(self, route: RouteRuntime, request: web.Request, body: bytes,
                        content_type: str, cap: int) -> tuple[int, bytes]:

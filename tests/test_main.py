@@ -11,6 +11,7 @@ import pytest
 
 from tests.e2e import JoseGoogle, Pki, config
 from tests.jose_fixtures import JoseKeys, NodeJose
+from tests.pgp_fixtures import PgpKeys
 
 
 def gateway(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -83,3 +84,41 @@ def test_demo_runs_to_completion() -> None:
         assert banner in result.stdout
     assert "4111111111111111" not in result.stdout + result.stderr
     assert "************1111" in result.stdout
+
+
+def test_check_warns_about_own_pgp_keys_valid_too_long(
+    pgp_keys: PgpKeys, runtime_dir: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "g"
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",
+           "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", "forever <f@example>", "rsa2048", "sign", "never"],
+                   check=True, capture_output=True, timeout=120)
+    fpr = subprocess.run([*gpg, "--with-colons", "--list-keys"], check=True, text=True,
+                         capture_output=True).stdout.split("fpr:::::::::")[1].split(":")[0]
+    subprocess.run([*gpg, "--quick-add-key", fpr, "rsa2048", "encr", "never"], check=True,
+                   capture_output=True, timeout=120)
+    forever = tmp_path / "forever.sec.asc"
+    forever.write_bytes(subprocess.run([*gpg, "--armor", "--export-secret-keys", fpr],
+                                       check=True, capture_output=True).stdout)
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(f"""
+        runtime_dir: {runtime_dir}
+        keysets:
+          partner:
+            type: pgp
+            keys:
+              - {{id: partner-a, file: {pgp_keys.sec('partner-a')}}}
+              - {{id: forever, file: {forever}, state: read-only}}
+          google: {{type: pgp, keys: [{{id: google-a, file: {pgp_keys.pub('google-a')}}}]}}
+        routes:
+          - {{name: r, direction: inbound, listen: "127.0.0.1:0",
+              upstream: {{url: "http://127.0.0.1:1"}}, own_keys: partner, peer_keys: google}}
+    """))
+    result = gateway("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if "WARNING" in line]
+    assert line.split()[0] == "forever" and "more than two years" in line
+    assert pgp_keys.fingerprint("partner-a") in result.stdout
