@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import signal
+import ssl
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from aiohttp import web
 from gateway.config import Config, load_config
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.proxy import Inflight, Proxy
+from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
 
 log = logging.getLogger("gateway.app")
@@ -47,7 +50,28 @@ class Gateway:
         self._runners: dict[str, web.AppRunner] = {}
         self._admin_runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._closing: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._watching = False
+        self.reloader = Reloader(snapshot.config.path, self.current, workdir, metrics,
+                                 on_swap=self._describe)
         self._describe(snapshot)
+
+    async def reload(self, trigger: str = "api") -> bool:
+        """Reload the configuration file now (what SIGHUP does)."""
+        return await self.reloader.reload(trigger)
+
+    def watch(self) -> None:
+        """Poll the configuration's files and reload on SIGHUP, until close()."""
+        self._watching = True
+        self._spawn(self.reloader.poll_forever())
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: self._spawn(self.reloader.reload("sighup")))
+
+    def _spawn(self, coroutine: Coroutine[object, object, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see `routes` and `admin`)."""
@@ -84,6 +108,10 @@ class Gateway:
                 shutdown_timeout=config.shutdown_timeout_s,
             )
             await runner.setup()
+            if route.server_ssl is not None:
+                # The listener keeps its first context; each handshake switches to the
+                # certificate of the configuration in service (hot certificate rotation).
+                route.server_ssl.sni_callback = self._certificate_picker(name)
             site = web.TCPSite(runner, route.config.listen.host, route.config.listen.port,
                                ssl_context=route.server_ssl, backlog=1024)
             await site.start()
@@ -118,6 +146,11 @@ class Gateway:
 
     async def close(self) -> None:
         """Close every listener, the upstream session, the executor and the GnuPG homes."""
+        if self._watching:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for runner in self._runners.values():
             await runner.cleanup()
         self._runners.clear()
@@ -126,11 +159,27 @@ class Gateway:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         self.current.close()
+        await asyncio.gather(*self._closing)
         self.executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _retire(self, snapshot: Snapshot) -> None:
-        snapshot.close()
+        # Closing stops gpg-agents (subprocesses): off the event loop.
+        future = asyncio.get_running_loop().run_in_executor(None, snapshot.close)
+        self._closing.add(future)
+        future.add_done_callback(self._closing.discard)
+
+    def _certificate_picker(
+        self, name: str
+    ) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+        def pick(connection: ssl.SSLObject, server_name: str | None,
+                 context: ssl.SSLContext) -> None:
+            route = self.current.snapshot.routes.get(name)
+            if route is not None and route.server_ssl is not None \
+                    and route.server_ssl is not context:
+                connection.context = route.server_ssl
+
+        return pick
 
     def _describe(self, snapshot: Snapshot) -> None:
         self.metrics.config_generation.set(snapshot.generation)
@@ -157,10 +206,14 @@ class Gateway:
 
     async def _status(self, request: web.Request) -> web.Response:
         snapshot = self.current.snapshot
+        last = self.reloader.last
         status = {
             "generation": snapshot.generation,
             "loaded_at": snapshot.loaded_at.isoformat(),
             "draining": self.draining,
+            "last_reload": None if last is None else {
+                "time": last.time.isoformat(), "result": last.result, "trigger": last.trigger,
+                "error": last.error, "warnings": list(last.warnings)},
             "keysets": {
                 name: [
                     {"id": k.id, "state": k.state.value, "fingerprint": k.fingerprint,
@@ -212,5 +265,6 @@ async def serve(config_path: Path) -> int:
     except BaseException:
         await gateway.close()
         raise
+    gateway.watch()
     await stop.wait()
     return await gateway.drain()

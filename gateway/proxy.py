@@ -115,7 +115,10 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         with self.current.use() as snapshot:
-            route = snapshot.routes[self.route_name]
+            route = snapshot.routes.get(self.route_name)
+            if route is None:
+                # The route left the configuration; its listener lives until a restart.
+                return web.Response(status=503, headers={"Retry-After": "30", "Server": SERVER})
             limits = snapshot.config.limits
             direction = route.config.direction
             record: dict[str, Any] = {"route": self.route_name, "direction": direction}

@@ -1,0 +1,127 @@
+"""Watch the configuration (content hashes, SIGHUP), build the new snapshot aside and swap it in,
+or keep the old one serving and count the failure (ghostunnel's all-or-nothing rule)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.config import Config, files_digest, load_config
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.snapshot import Current, Snapshot, build_snapshot
+
+log = logging.getLogger("gateway.reload")
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    time: datetime
+    result: str  # "success" or "failure"
+    trigger: str  # "sighup", "poll" or "api"
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+class Reloader:
+    """Reloads the configuration at `path` into `current`. One reload at a time; each builds
+    everything (config, keys, GnuPG homes, TLS contexts) before the single swap."""
+
+    def __init__(self, path: Path, current: Current, workdir: Path, metrics: Metrics,
+                 on_swap: Callable[[Snapshot], None]) -> None:
+        self.path = path
+        self.current = current
+        self.workdir = workdir
+        self.metrics = metrics
+        self.on_swap = on_swap
+        self.last: ReloadStatus | None = None
+        self._lock = asyncio.Lock()
+        self._generation = current.snapshot.generation
+        self._seen = files_digest(current.snapshot.config.files())
+
+    async def poll_forever(self) -> None:
+        """Every `reload.interval_s` of the configuration in service, reload if the content of
+        the config file or of any file it names changed. 0 disables polling (SIGHUP only)."""
+        while True:
+            interval = self.current.snapshot.config.reload_interval_s
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+            if interval > 0:
+                await self.poll()
+
+    async def poll(self) -> bool | None:
+        """One poll: None when nothing changed since the last attempt, else the reload's result.
+        Content that already failed is not tried (nor counted) again until it changes."""
+        files = self.current.snapshot.config.files()
+        digest = await asyncio.to_thread(files_digest, files)
+        if digest == self._seen:
+            return None
+        self._seen = digest
+        return await self.reload("poll")
+
+    async def reload(self, trigger: str) -> bool:
+        """Load, validate and build the whole new configuration, then swap it in. On any failure
+        the old configuration keeps serving. Returns True when the new one is in service."""
+        async with self._lock:
+            old = self.current.snapshot.config
+            try:
+                config = await asyncio.to_thread(load_config, self.path)
+                # Hash what we are about to read: a change during the build is seen next poll.
+                self._seen = await asyncio.to_thread(files_digest, config.files())
+                warnings = listener_changes(old, config)
+                snapshot = await asyncio.to_thread(
+                    build_snapshot, config, self._generation + 1, self.workdir)
+            except Exception as exc:  # any failure keeps the old configuration in service
+                # Our errors name the place and never hold key material; others give the type.
+                error = str(exc) if isinstance(exc, ConfigError) else type(exc).__name__
+                self.metrics.config_reloads.labels("failure").inc()
+                self.last = ReloadStatus(datetime.now(UTC), "failure", trigger, error)
+                log.error("reload failed; the previous configuration stays in service",
+                          extra={"fields": {"trigger": trigger, "error": error,
+                                            "generation": self._generation}})
+                return False
+            self._generation += 1
+            for warning in warnings:
+                log.warning("listener change needs a restart; the rest applies",
+                            extra={"fields": {"change": warning}})
+            self.current.swap(snapshot)
+            self.on_swap(snapshot)
+            self.metrics.config_reloads.labels("success").inc()
+            self.last = ReloadStatus(datetime.now(UTC), "success", trigger,
+                                     warnings=tuple(warnings))
+            log.info("reloaded", extra={"fields": {"trigger": trigger,
+                                                    "generation": self._generation}})
+            return True
+
+
+def listener_changes(old: Config, new: Config) -> list[str]:
+    """What the new configuration changes that only a restart can apply."""
+    changes: list[str] = []
+    if old.admin_listen != new.admin_listen:
+        changes.append(f"admin.listen {old.admin_listen} -> {new.admin_listen}")
+    if old.workers != new.workers:
+        changes.append(f"workers {old.workers} -> {new.workers}")
+    before = {r.name: r for r in old.routes}
+    after = {r.name: r for r in new.routes}
+    for name in sorted(after.keys() - before.keys()):
+        changes.append(f"route '{name}' added: not served until a restart")
+    for name in sorted(before.keys() - after.keys()):
+        changes.append(f"route '{name}' removed: its listener answers 503 until a restart")
+    for name in sorted(after.keys() & before.keys()):
+        a, b = before[name], after[name]
+        if a.listen != b.listen:
+            changes.append(f"{b.place}.listen {a.listen} -> {b.listen}")
+        if (a.tls is None) != (b.tls is None):
+            changes.append(f"{b.place}.tls: plain/TLS choice changed")
+        elif a.tls and b.tls and (a.tls.client_ca is None) != (b.tls.client_ca is None):
+            changes.append(f"{b.place}.tls.client_ca: client certificates required or not")
+        elif a.tls and b.tls and a.tls.min_version != b.tls.min_version:
+            changes.append(f"{b.place}.tls.min_version {a.tls.min_version} -> "
+                           f"{b.tls.min_version}")
+    for field in ("idle_timeout_s", "max_header_bytes"):
+        if getattr(old.limits, field) != getattr(new.limits, field):
+            changes.append(f"limits.{field} applies to listeners: restart to change it")
+    return changes
