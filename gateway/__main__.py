@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.config import LOG_LEVELS, load_config
 from gateway.errors import ConfigError
+from gateway.keys import expiring
 from gateway.logs import setup_logging
 from gateway.snapshot import build_snapshot, prepare_runtime_dir, stop_agents
 
@@ -71,7 +72,8 @@ def _check(path: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     now = datetime.now(UTC)
-    warn_before = now + timedelta(days=config.warn_expiry_days)
+    soon = {id(key) for _, key in expiring(snapshot.keysets.values(),
+                                           timedelta(days=config.warn_expiry_days), now)}
     print(f"config {config.path}: valid")
     print(f"admin  {config.admin_listen}")
     for route in config.routes:
@@ -89,7 +91,7 @@ def _check(path: Path) -> int:
             note = ""
             if key.expires and key.expires <= now:
                 note = "  EXPIRED"
-            elif key.expires and key.expires <= warn_before and key.enabled:
+            elif key.expires and id(key) in soon:
                 days = (key.expires - now).days
                 note = f"  WARNING: expires in {days} days"
                 warnings += 1

@@ -12,12 +12,14 @@ import ssl
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from gateway.config import Config, load_config
+from gateway.keys import expiring
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.proxy import Inflight, Proxy
 from gateway.reload import Reloader
@@ -65,6 +67,7 @@ class Gateway:
         """Poll the configuration's files and reload on SIGHUP, until close()."""
         self._watching = True
         self._spawn(self.reloader.poll_forever())
+        self._spawn(self._warn_daily())
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, lambda: self._spawn(self.reloader.reload("sighup")))
 
@@ -163,6 +166,22 @@ class Gateway:
         self.executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _warn_expiring(self, snapshot: Snapshot) -> None:
+        """Log each enabled key expiring within warn_expiry_days (start-up, reload, daily)."""
+        now = datetime.now(UTC)
+        within = timedelta(days=snapshot.config.warn_expiry_days)
+        for keyset, key in expiring(snapshot.keysets.values(), within, now):
+            assert key.expires is not None
+            log.warning("key expires soon", extra={"fields": {
+                "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
+                "expires": key.expires.isoformat(),
+                "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
+
+    async def _warn_daily(self) -> None:
+        while True:
+            await asyncio.sleep(86400)
+            self._warn_expiring(self.current.snapshot)
+
     def _retire(self, snapshot: Snapshot) -> None:
         # Closing stops gpg-agents (subprocesses): off the event loop.
         future = asyncio.get_running_loop().run_in_executor(None, snapshot.close)
@@ -182,6 +201,7 @@ class Gateway:
         return pick
 
     def _describe(self, snapshot: Snapshot) -> None:
+        self._warn_expiring(snapshot)
         self.metrics.config_generation.set(snapshot.generation)
         self.metrics.key_info.clear()
         self.metrics.key_expiry.clear()

@@ -6,15 +6,15 @@ never verify; an expired own key may still decrypt (protocol.md section 8).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.config import KeysetConfig, KeyState, Scheme
 from gateway.errors import ConfigError
 
-__all__ = ["Key", "KeyState", "Keyset", "check_route_keysets", "utcnow"]
+__all__ = ["Key", "KeyState", "Keyset", "check_route_keysets", "expiring", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -87,6 +87,14 @@ class Keyset:
         """Peer keys accepted to verify: enabled, not expired, able to sign."""
         now = self.now()
         return tuple(k for k in self.keys if k.enabled and k.can_sign and not k.expired(now))
+
+
+def expiring(keysets: Iterable[Keyset], within: timedelta,
+             now: datetime | None = None) -> list[tuple[Keyset, Key]]:
+    """Enabled keys that expire within `within` from `now` (already expired ones included)."""
+    limit = (now or utcnow()) + within
+    return [(keyset, key) for keyset in keysets for key in keyset.keys
+            if key.enabled and key.expires is not None and key.expires <= limit]
 
 
 def check_route_keysets(

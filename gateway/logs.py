@@ -38,4 +38,3 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would duplicate ours and its server errors log tracebacks.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("gnupg").setLevel(logging.WARNING)

@@ -22,10 +22,10 @@ ALLOWED = {
     "snapshot": {"config", "envelope", "errors", "jose", "keys", "pgp", "tls"},
     "proxy": {"envelope", "errors", "metrics", "snapshot"},
     "reload": {"config", "errors", "metrics", "snapshot"},
-    "app": {"config", "metrics", "proxy", "reload", "snapshot"},
+    "app": {"config", "keys", "metrics", "proxy", "reload", "snapshot"},
     "demo": {"app", "config", "envelope", "errors", "jose", "keys", "logs", "metrics", "pgp",
              "snapshot", "tls"},
-    "__main__": {"app", "config", "demo", "errors", "logs", "snapshot"},
+    "__main__": {"app", "config", "demo", "errors", "keys", "logs", "snapshot"},
     "__init__": set(),
 }
 THIRD_PARTY_HOME = {
