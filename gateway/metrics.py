@@ -59,6 +59,8 @@ class Metrics:
             "gateway_config_generation", "Generation of the configuration in service.",
             registry=registry,
         )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)  # both series exist from the start
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
