@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import KeysetConfig, KeyState
 from gateway.errors import ConfigError
-from gateway.keys import Key, Keyset, check_route_keysets
+from gateway.keys import Key, Keyset, check_route_keysets, expiring
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 PAST = NOW - timedelta(days=1)
@@ -88,3 +88,11 @@ def test_jose_at_most_one_active_key_per_use() -> None:
     rotated = keyset(key("s1", encrypt=False), key("s2", "read-only", encrypt=False),
                      key("e", sign=False), scheme="jose")
     check_route_keysets(rotated, peer, cfg("own"), cfg("peer"))
+
+
+def test_expiry_warnings_fire_at_10_days_not_at_300() -> None:
+    soon = key("soon", expires=NOW + timedelta(days=10))
+    later = key("later", expires=NOW + timedelta(days=300))
+    gone = key("gone", "disabled", expires=NOW + timedelta(days=1))
+    found = expiring([keyset(soon, later, gone, key("never"))], timedelta(days=30), NOW)
+    assert [k.id for _, k in found] == ["soon"]

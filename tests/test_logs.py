@@ -1,0 +1,161 @@
+"""logs.py: JSON lines with the contract's fields, and never payment data, keys or passphrases,
+whatever path a request takes (the real process at debug level)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.envelope import CONTENT_TYPES
+from gateway.logs import JsonFormatter
+from tests.e2e import Google, JoseGoogle, PgpGoogle, Pki, config
+from tests.jose_fixtures import JoseKeys
+from tests.peers import StandIn, json_answer, slow
+from tests.pgp_fixtures import PgpKeys, b64url, unb64url
+
+pytestmark = pytest.mark.e2e
+
+CARD = "4111111111111111"
+CRYPTOGRAM = "AgAAAAAABk4DWZ4C28yUQAAAAAA="
+TRANSFER = json.dumps({
+    "requestHeader": {"requestId": "log-test-0001", "requestTimestamp": {"epochMillis": "1"},
+                      "protocolVersion": {"major": 1}, "paymentIntegratorAccountId": "PIAID-1"},
+    "cardData": {"cardNumber": CARD, "expirationMonth": 12, "expirationYear": 2030,
+                 "cryptogram": CRYPTOGRAM, "cardNetwork": {"cardScheme": "VISA"}},
+    "qrCode": "000201",
+}).encode()
+ANSWER = json.dumps({"responseHeader": {}, "echo": {"cardNumber": CARD,
+                                                    "cryptogram": CRYPTOGRAM}}).encode()
+
+
+def test_formatter_keeps_fields_and_drops_exception_text() -> None:
+    try:
+        raise ValueError(f"card {CARD}")
+    except ValueError:
+        record = logging.LogRecord("gateway.x", logging.ERROR, __file__, 1, "boom", None,
+                                   sys.exc_info())
+    record.fields = {"route": "in", "status": 500}  # type: ignore[attr-defined]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == "boom" and line["level"] == "error"
+    assert line["route"] == "in" and line["status"] == 500
+    assert line["exception"] == "ValueError"
+    assert CARD not in json.dumps(line)
+    assert datetime.fromisoformat(line["ts"]).tzinfo is not None
+
+
+@pytest.fixture(params=["pgp", "jose"])
+def google(request: pytest.FixtureRequest) -> Google:
+    if request.param == "pgp":
+        return PgpGoogle(request.getfixturevalue("pgp_keys"), request.getfixturevalue("gpg_peer"))
+    return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
+
+
+@pytest.fixture
+async def stand_ins(google: Google, pki: Pki) -> AsyncIterator[tuple[StandIn, StandIn]]:
+    partner = await StandIn(json_answer(ANSWER)).start()
+
+    async def google_answer(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.to_thread(google.open, body)
+        sealed = await asyncio.to_thread(google.seal, ANSWER)
+        return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
+
+    service = await StandIn(google_answer, ssl_context=pki.server_context()).start()
+    yield partner, service
+    await partner.stop()
+    await service.stop()
+
+
+async def test_no_payment_data_in_logs_or_metrics_on_any_path(
+    google: Google, stand_ins: tuple[StandIn, StandIn], runtime_dir: Path, pki: Pki,
+    tmp_path: Path, pgp_keys: PgpKeys, jose_keys: JoseKeys,
+) -> None:
+    partner, service = stand_ins
+    expires = datetime.now(UTC) + timedelta(days=10)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url, outbound_url=service.url,
+                  upstream_extra=f", ca: {pki.ca}", timeout_s=1,
+                  limits="limits: {max_body_bytes: 8192}", expiring_recipient=expires)
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    good = await asyncio.to_thread(google.seal, TRANSFER)
+    raw = bytearray(unb64url(good) if google.scheme == "pgp" else good)
+    raw[-12] ^= 1
+    tampered = b64url(bytes(raw)) if google.scheme == "pgp" else bytes(raw)
+    inbound = [
+        good,
+        await asyncio.to_thread(google.seal, TRANSFER, "stranger_signer"),
+        await asyncio.to_thread(google.seal, TRANSFER, "wrong_recipient"),
+        await asyncio.to_thread(google.seal, TRANSFER, "unsigned"),
+        tampered,
+        TRANSFER,  # plaintext where ciphertext belongs
+        TRANSFER * 200,  # over the limit
+    ]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "debug",
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stderr is not None
+    try:
+        early = b""
+        while True:
+            line = await asyncio.wait_for(process.stderr.readline(), 30)
+            early += line
+            entry = json.loads(line)
+            if entry["event"] == "listening":
+                break
+        ports = {name: int(str(a).rsplit(":", 1)[1]) for name, a in entry["routes"].items()}
+        admin = int(str(entry["admin"]).rsplit(":", 1)[1])
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for body in inbound:
+                async with session.post(f"https://localhost:{ports['in']}/cards-qr-v1/transfer",
+                                        data=body, ssl=pki.client_context()) as response:
+                    statuses.append(response.status)
+            partner.handler = slow(2, json_answer(ANSWER))  # the partner times out
+            async with session.post(f"https://localhost:{ports['in']}/cards-qr-v1/transfer",
+                                    data=good, ssl=pki.client_context()) as response:
+                statuses.append(response.status)
+            outbound_url = f"http://127.0.0.1:{ports['out']}/cards-qr-v1/echo/PIAID-1"
+            for handler in (service.handler, json_answer(ANSWER)):  # sealed, then plaintext
+                service.handler = handler
+                async with session.post(outbound_url, data=TRANSFER) as response:
+                    statuses.append(response.status)
+            async with session.post(outbound_url, data=TRANSFER * 200) as response:
+                statuses.append(response.status)
+            async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                metrics = await response.text()
+        process.send_signal(signal.SIGTERM)
+        logs = (early + await process.stderr.read()).decode()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert statuses == [200, 401, 400, 401, 400, 400, 413, 504, 200, 502, 413]
+    entries = [json.loads(line) for line in logs.splitlines()]
+    requests = [e for e in entries if e["event"] == "request"]
+    assert len(requests) == len(statuses)
+    assert {"ts", "level", "route", "status", "duration_ms"} <= set(requests[0])
+    assert requests[0]["request_id"] == "log-test-0001"
+    assert requests[0]["key_ids"]["decrypt"] and requests[0]["key_ids"]["sign"]
+    assert any(e["event"] == "key expires soon" for e in entries)
+    secrets = [CARD, CARD[:6] + CARD[-4:], CRYPTOGRAM, CRYPTOGRAM[:16]]
+    if google.scheme == "pgp":
+        passphrase = pgp_keys.passphrase("partner-pw")
+        assert passphrase is not None
+        secrets.append(passphrase)
+    else:
+        secrets.append(str(jose_keys.jwk("partner-sig-a")["d"])[:24])
+    for secret in secrets:
+        assert secret not in logs, secret
+        assert secret not in metrics, secret
