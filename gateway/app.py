@@ -38,11 +38,13 @@ class Gateway:
     """One process's gateway: a listener per route plus the admin listener."""
 
     def __init__(self, snapshot: Snapshot, workdir: Path, metrics: Metrics,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 slots: int = 1) -> None:
         self.workdir = workdir
         self.metrics = metrics
-        self.executor = executor or ThreadPoolExecutor(
-            max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="crypto")
+        # One crypto thread per slot: RSA in `cryptography` and gpg subprocesses run outside
+        # the GIL, so slots = cores keeps every core busy without oversubscribing it.
+        self.slots = slots
+        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="crypto")
         self.current = Current(snapshot, self._retire)
         self.inflight = Inflight()
         self.draining = False
@@ -55,8 +57,10 @@ class Gateway:
         self._closing: set[asyncio.Future[None]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._watching = False
-        self.reloader = Reloader(snapshot.config.path, self.current, workdir, metrics,
-                                 on_swap=self._describe)
+        self.reloader = Reloader(
+            snapshot.config.path, self.current,
+            lambda config, generation: build_snapshot(config, generation, workdir, slots),
+            metrics, on_swap=self._describe)
         self._describe(snapshot)
 
     async def reload(self, trigger: str = "api") -> bool:
@@ -259,13 +263,21 @@ def _bound(site: web.TCPSite) -> Bound:
 async def build_gateway(config: Config, metrics: Metrics | None = None) -> Gateway:
     """Load every key and build the gateway for `config` (not started yet)."""
     workdir = prepare_runtime_dir(config.runtime_dir)
+    slots = crypto_slots()
     try:
-        snapshot = await asyncio.get_running_loop().run_in_executor(
-            None, build_snapshot, config, 1, workdir)
+        snapshot = await asyncio.to_thread(build_snapshot, config, 1, workdir, slots)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return Gateway(snapshot, workdir, metrics or Metrics())
+    return Gateway(snapshot, workdir, metrics or Metrics(), slots)
+
+
+def crypto_slots() -> int:
+    """Crypto threads (and GnuPG homes per PGP route) for this process: the usable cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 async def serve(config_path: Path) -> int:
@@ -280,11 +292,12 @@ async def serve(config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP's default action kills the process: take it over before announcing the listeners.
+    gateway.watch()
     try:
         await gateway.start()
     except BaseException:
         await gateway.close()
         raise
-    gateway.watch()
     await stop.wait()
     return await gateway.drain()

@@ -6,6 +6,8 @@ It does no I/O of its own besides what its crypto backend needs, and never sees 
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,3 +72,44 @@ class Envelope(Protocol):
     def close(self) -> None:
         """Release what the envelope holds (GnuPG homes, agents). Idempotent."""
         ...
+
+
+class EnvelopePool:
+    """Several interchangeable envelopes of one route (one GnuPG home and agent each), lent one
+    per call, so that concurrent calls never queue on one agent. Blocks while all are busy."""
+
+    def __init__(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            raise ValueError("an envelope pool needs at least one envelope")
+        self._all = tuple(envelopes)
+        self._free: queue.SimpleQueue[Envelope] = queue.SimpleQueue()
+        for envelope in self._all:
+            self._free.put(envelope)
+        self.scheme = self._all[0].scheme
+        self.own = self._all[0].own
+        self.peer = self._all[0].peer
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    @property
+    def content_type(self) -> str:
+        return self._all[0].content_type
+
+    def seal(self, plaintext: bytes) -> Sealed:
+        envelope = self._free.get()
+        try:
+            return envelope.seal(plaintext)
+        finally:
+            self._free.put(envelope)
+
+    def open(self, body: bytes) -> Opened:
+        envelope = self._free.get()
+        try:
+            return envelope.open(body)
+        finally:
+            self._free.put(envelope)
+
+    def close(self) -> None:
+        for envelope in self._all:
+            envelope.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 from gateway.config import Config, files_digest, load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.snapshot import Current, Snapshot, build_snapshot
+from gateway.snapshot import Current, Snapshot
 
 log = logging.getLogger("gateway.reload")
 
@@ -31,11 +31,12 @@ class Reloader:
     """Reloads the configuration at `path` into `current`. One reload at a time; each builds
     everything (config, keys, GnuPG homes, TLS contexts) before the single swap."""
 
-    def __init__(self, path: Path, current: Current, workdir: Path, metrics: Metrics,
+    def __init__(self, path: Path, current: Current,
+                 build: Callable[[Config, int], Snapshot], metrics: Metrics,
                  on_swap: Callable[[Snapshot], None]) -> None:
         self.path = path
         self.current = current
-        self.workdir = workdir
+        self.build = build
         self.metrics = metrics
         self.on_swap = on_swap
         self.last: ReloadStatus | None = None
@@ -72,8 +73,7 @@ class Reloader:
                 # Hash what we are about to read: a change during the build is seen next poll.
                 self._seen = await asyncio.to_thread(files_digest, config.files())
                 warnings = listener_changes(old, config)
-                snapshot = await asyncio.to_thread(
-                    build_snapshot, config, self._generation + 1, self.workdir)
+                snapshot = await asyncio.to_thread(self.build, config, self._generation + 1)
             except Exception as exc:  # any failure keeps the old configuration in service
                 # Our errors name the place and never hold key material; others give the type.
                 error = str(exc) if isinstance(exc, ConfigError) else type(exc).__name__

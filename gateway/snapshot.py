@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.config import Config, RouteConfig
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, EnvelopePool
 from gateway.errors import ConfigError
 from gateway.jose import JoseEnvelope, load_jose_keyset
 from gateway.keys import Keyset, check_route_keysets
@@ -47,9 +47,10 @@ class Snapshot:
             route.envelope.close()
 
 
-def build_snapshot(config: Config, generation: int, workdir: Path) -> Snapshot:
+def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 1) -> Snapshot:
     """Load every key (disabled ones too), check each route's keysets and build its envelope and
-    TLS contexts. Raises ConfigError naming the place; on failure nothing is left behind."""
+    TLS contexts. PGP routes get `slots` GnuPG homes (one per crypto thread: a single gpg-agent
+    is a bottleneck). Raises ConfigError naming the place; on failure nothing is left behind."""
     keysets: dict[str, Keyset] = {}
     routes: dict[str, RouteRuntime] = {}
     scratch = workdir / f"s{generation}"
@@ -69,10 +70,18 @@ def build_snapshot(config: Config, generation: int, workdir: Path) -> Snapshot:
             client_ssl = build_client_context(route.upstream, f"{route.place}.upstream")
             envelope: Envelope
             if route.scheme == "pgp":
-                envelope = PgpEnvelope(
-                    own, peer, route.pgp, workdir / f"g{generation}r{index}",
-                    max_plaintext_bytes=config.limits.max_body_bytes,
-                )
+                homes: list[Envelope] = []
+                try:
+                    for slot in range(slots):
+                        homes.append(PgpEnvelope(
+                            own, peer, route.pgp, workdir / f"g{generation}r{index}s{slot}",
+                            max_plaintext_bytes=config.limits.max_body_bytes,
+                        ))
+                except BaseException:
+                    for home in homes:
+                        home.close()
+                    raise
+                envelope = EnvelopePool(homes)
             else:
                 envelope = JoseEnvelope(
                     own, peer, route.jose, max_plaintext_bytes=config.limits.max_body_bytes

@@ -350,7 +350,7 @@ async def served_serial(gateway: Gateway, pki: Pki, server_name: str | None) -> 
 # -- no leaks over many reloads ---------------------------------------------------------------
 
 
-async def test_fifty_reloads_leave_one_gnupg_home_and_agent(
+async def test_fifty_reloads_leave_only_the_current_gnupg_homes_and_agents(
     pgp_keys: PgpKeys, gpg_peer: GpgPeer, partner: StandIn, runtime_dir: Path, pki: Pki,
     tmp_path: Path,
 ) -> None:
@@ -363,9 +363,11 @@ async def test_fifty_reloads_leave_one_gnupg_home_and_agent(
         assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
         await asyncio.sleep(0.2)  # let retired homes close
         [workdir] = list(runtime_dir.iterdir())
-        assert sorted(p.name for p in workdir.iterdir()) == ["g51r0"]
+        homes = [f"g51r0s{slot}" for slot in range(gateway.slots)]
+        assert sorted(p.name for p in workdir.iterdir()) == homes
         agents = [c for c in gpg_processes_under(runtime_dir, wait_s=2) if "gpg-agent" in c]
-        assert len(agents) == 1 and "g51r0" in agents[0]
+        assert len(agents) == gateway.slots
+        assert all(any(f"/{home}" in agent for home in homes) for agent in agents)
     assert gpg_processes_under(runtime_dir) == []
     assert list(runtime_dir.iterdir()) == []
 
@@ -383,7 +385,12 @@ async def admin_text(port: int, path: str) -> str:
 async def next_event(stderr: asyncio.StreamReader, prefix: str) -> dict[str, Any]:
     """The next JSON log entry whose event starts with `prefix` (request lines are skipped)."""
     while True:
-        entry: dict[str, Any] = json.loads(await asyncio.wait_for(stderr.readline(), 30))
+        line = await asyncio.wait_for(stderr.readline(), 30)
+        assert line, "the gateway exited"
+        try:
+            entry: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line[:300]!r}") from None
         if entry["event"].startswith(prefix):
             return entry
 
