@@ -42,7 +42,7 @@ from gateway.errors import (
 )
 from gateway.keys import Key, Keyset
 
-__all__ = ["JoseEnvelope", "generate_jwk", "load_jose_keyset"]
+__all__ = ["GENERATE_ALGS", "JoseEnvelope", "generate_jwk", "jwe_header", "load_jose_keyset"]
 
 # What each algorithm needs from a key: (kty, crv or None for any allowed curve).
 _SIGN_KEYS: dict[str, tuple[str, str | None]] = {
@@ -138,14 +138,41 @@ def load_jose_keyset(config: KeysetConfig) -> Keyset:
     return Keyset(name=config.name, type="jose", keys=tuple(_load_key(k) for k in config.keys))
 
 
-def generate_jwk(kid: str, use: str, *, bits: int = 2048) -> tuple[str, str]:
-    """A fresh RSA key as (private JWK, public JWK) JSON texts, with `kid` and `use` set.
-    Raises ConfigError for a use other than sig/enc or fewer than 2048 bits."""
+# What `generate_jwk` makes: alg -> (use, kty, curve).
+GENERATE_ALGS: dict[str, tuple[str, str, str | None]] = {
+    "RS256": ("sig", "RSA", None),
+    "PS256": ("sig", "RSA", None),
+    "ES256": ("sig", "EC", "P-256"),
+    "RSA-OAEP-256": ("enc", "RSA", None),
+}
+DEFAULT_GENERATE_ALG = {"sig": "RS256", "enc": "RSA-OAEP-256"}
+_MAX_GENERATE_RSA_BITS = 4096
+
+
+def generate_jwk(kid: str, use: str, *, bits: int = 2048, alg: str | None = None,
+                 ) -> tuple[str, str]:
+    """A fresh key as (private JWK, public JWK) JSON texts with `kid`, `use` and `alg` set:
+    RSA of `bits` bits for RS256, PS256 and RSA-OAEP-256, EC P-256 for ES256 (`bits` is then
+    not used). Without `alg`: RS256 for sig, RSA-OAEP-256 for enc.
+    Raises ConfigError (place "use", "alg" or "bits") for a value outside these."""
     if use not in ("sig", "enc"):
         raise ConfigError("use", f"'{use}' is not one of: sig, enc")
-    if bits < _MIN_RSA_BITS:
-        raise ConfigError("bits", f"{bits} bits; at least {_MIN_RSA_BITS} needed")
-    jwk = JWK.generate(kty="RSA", size=bits, kid=kid, use=use)
+    alg = alg or DEFAULT_GENERATE_ALG[use]
+    if alg not in GENERATE_ALGS:
+        raise ConfigError("alg", f"'{alg}' is not one of: {', '.join(GENERATE_ALGS)}")
+    alg_use, kty, curve = GENERATE_ALGS[alg]
+    if alg_use != use:
+        raise ConfigError("alg", f"{alg} is a {alg_use} algorithm; a '{use}' key needs one of: "
+                                 + ", ".join(a for a, spec in GENERATE_ALGS.items()
+                                             if spec[0] == use))
+    if kty == "RSA":
+        if bits < _MIN_RSA_BITS:
+            raise ConfigError("bits", f"{bits} bits; at least {_MIN_RSA_BITS} needed")
+        if bits > _MAX_GENERATE_RSA_BITS:
+            raise ConfigError("bits", f"{bits} bits; at most {_MAX_GENERATE_RSA_BITS}")
+        jwk = JWK.generate(kty="RSA", size=bits, kid=kid, use=use, alg=alg)
+    else:
+        jwk = JWK.generate(kty="EC", crv=curve, kid=kid, use=use, alg=alg)
     return str(jwk.export_private()), str(jwk.export_public())
 
 
@@ -505,15 +532,16 @@ class JoseEnvelope:
             candidates = self.own.decryptors()
         alg = jwe.header["alg"]
         epk_curve = jwe.header["epk"]["crv"] if _WRAP_KEYS[alg] == "EC" else None
+        failure: DecryptError | None = None
         for key in candidates:
             if _fits(key, _WRAP_KEYS[alg], epk_curve):
                 try:
                     return key, _decrypt_with(key, jwe)
-                except DecryptError:
-                    continue
+                except DecryptError as exc:
+                    failure = exc
         if kid is not None:
-            raise DecryptError(f"own key '{kid}' does not decrypt this JWE")
-        raise DecryptError("no enabled own key decrypts this JWE")
+            raise failure or DecryptError(f"own key '{kid}' does not fit JWE alg {alg}")
+        raise DecryptError("no enabled own key decrypts this JWE (it names no kid)")
 
     def _verify(self, data: bytes) -> tuple[bytes, Key]:
         """Only the key named by kid is tried; without kid, every enabled peer key in turn."""
@@ -564,15 +592,28 @@ class JoseEnvelope:
         raise SignatureError("no enabled, unexpired peer key verifies the JWS")
 
 
+def jwe_header(body: bytes) -> dict[str, Any] | None:
+    """The protected header of a compact JWE (its `kid`, `alg`, `enc`), read without any key;
+    None when the body does not start as one."""
+    parts = bytes(body).strip().split(b".", 5)
+    if len(parts) != 5 or len(parts[0]) > _MAX_HEADER or not _is_b64(parts[0]):
+        return None
+    return _json_object(_b64decode(parts[0]))
+
+
 def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:
     """Unwrap the CEK with `key` and decrypt. The header was checked against the route's
     accept-lists and the key's type first, so only accepted algorithms reach jwcrypto."""
     header = jwe.header
     params = {name: header[name] for name in ("alg", "enc", "epk", "apu", "apv") if name in header}
-    with _jwcrypto(lambda: DecryptError(f"own key '{key.id}' does not decrypt this JWE")):
+    with _jwcrypto(lambda: DecryptError(
+            f"own key '{key.id}' does not unwrap this JWE's content key ({header['alg']})")):
         wrap = JWA.keymgmt_alg(header["alg"])
         content = JWA.encryption_alg(header["enc"])
         cek = wrap.unwrap(key.material, content.wrap_key_size, jwe.encrypted_key, params)
+    with _jwcrypto(lambda: DecryptError(
+            f"the content key unwrapped by own key '{key.id}' does not decrypt the JWE "
+            f"({header['enc']} authentication failed): the message was altered or damaged")):
         plaintext: bytes = content.decrypt(cek, jwe.protected, jwe.iv, jwe.ciphertext, jwe.tag)
     return plaintext
 

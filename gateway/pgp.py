@@ -41,7 +41,14 @@ from gateway.errors import (
 )
 from gateway.keys import Key, Keyset, utcnow
 
-__all__ = ["PgpEnvelope", "load_pgp_keyset"]
+__all__ = [
+    "GeneratedPgpKey",
+    "PgpEnvelope",
+    "generate_pgp_key",
+    "load_pgp_keyset",
+    "message_recipients",
+    "pgp_key_ids",
+]
 
 # Security: python-gnupg's own log repeats gpg's stderr (user ids, key ids) and every routine
 # failure; we report through the gateway's errors instead.
@@ -49,6 +56,10 @@ logging.getLogger("gnupg").setLevel(logging.CRITICAL)
 
 ACCEPTED_HASHES = {"8": "SHA256", "9": "SHA384", "10": "SHA512"}  # RFC 4880 9.4
 ACCEPTED_CIPHERS = {"7": "AES128", "8": "AES192", "9": "AES256"}  # RFC 4880 9.2
+_HASH_NAMES = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160", "11": "SHA224", **ACCEPTED_HASHES}
+_CIPHER_NAMES = {"1": "IDEA", "2": "3DES", "3": "CAST5", "4": "BLOWFISH", "10": "TWOFISH",
+                 "11": "CAMELLIA128", "12": "CAMELLIA192", "13": "CAMELLIA256",
+                 **ACCEPTED_CIPHERS}
 _RSA_ALGOS = {"1", "2", "3"}  # RFC 4880 9.1
 _ALGO_NAMES = {"16": "ELG", "17": "DSA", "18": "ECDH", "19": "ECDSA", "22": "EdDSA"}
 MIN_RSA_BITS = 2048
@@ -186,13 +197,16 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
             if watchdog is not None and watchdog.finish():
                 raise EngineError(f"gpg did not finish within {self.timeout_s:g} s")
 
-    def run(self, args: Sequence[str], data: bytes = b"") -> _Status:
-        """Run gpg with `args` on `data` (stdin); gpg's refusals are in the returned status.
-        Raises EngineError when gpg cannot run or misses its deadline."""
+    def run(self, args: Sequence[str], data: bytes = b"", passphrase: str | None = None,
+            ) -> _Status:
+        """Run gpg with `args` on `data` (stdin, after `passphrase` and a newline when given);
+        gpg's refusals are in the returned status. Raises EngineError when gpg cannot run or
+        misses its deadline."""
         status = _Status(self)
         # A BrokenPipeError means gpg stopped reading its input; its status lines say why.
         with _engine_errors(), self._deadline(), contextlib.suppress(BrokenPipeError):
-            self._handle_io(list(args), io.BytesIO(data), status, binary=True)
+            self._handle_io(list(args), io.BytesIO(data), status, passphrase=passphrase,
+                            binary=True)
         return status
 
 
@@ -460,6 +474,132 @@ def _check_secret(
     raise ConfigError(where, "the passphrase does not open the secret key")
 
 
+# Making keys.
+
+MAX_RSA_BITS = 4096  # gpg's own limit without --enable-large-rsa
+MAX_VALID_DAYS = 731  # two years, a leap day included (Google: one year, two at most)
+# Google's profile first: SHA384 and AES256 are what peers pick when they follow our preferences.
+KEY_PREFERENCES = "SHA384 SHA256 SHA512 AES256 AES192 AES128 ZLIB ZIP Uncompressed"
+_EMAIL = re.compile(r"^[^\s<>@()]+@[^\s<>@()]+\.[^\s<>@()]+$")
+
+
+@dataclass(frozen=True)
+class GeneratedPgpKey:
+    """A new key pair as gpg made it. `secret` is the armored secret key (protected by the
+    passphrase when one was given): write it only to a private file."""
+
+    user_id: str
+    fingerprint: str  # primary key (sign, certify)
+    subkey_fingerprint: str  # encryption subkey
+    bits: int
+    created: datetime
+    expires: datetime
+    public: bytes = field(repr=False)
+    secret: bytes = field(repr=False)
+
+
+def generate_pgp_key(
+    name: str,
+    email: str,
+    *,
+    bits: int,
+    valid_days: int,
+    passphrase: str | None = None,
+    workdir: Path,
+    timeout_s: float = 300.0,
+) -> GeneratedPgpKey:
+    """Make a key to Google's rules with gpg: an RSA primary key that signs and certifies, an
+    RSA encryption subkey, both of `bits` bits and expiring after `valid_days` days, with the
+    preferences SHA384 and AES256 first. gpg runs in a private GNUPGHOME made below `workdir`
+    (keep it short: GnuPG socket paths hold about 100 bytes), removed and its agent stopped
+    before returning.
+
+    Raises ConfigError (place "name", "email", "bits", "expires" or "passphrase") for a value
+    outside Google's rules, EngineError when gpg fails."""
+    if not name.strip() or any(c in name for c in "<>()") or not name.isprintable():
+        raise ConfigError("name", f"{name!r} is not a printable name without <, >, ( or )")
+    if not _EMAIL.match(email):
+        raise ConfigError("email", f"{email!r} is not an email address")
+    if bits < MIN_RSA_BITS:
+        raise ConfigError("bits", f"{bits} bits: Google requires RSA keys of at least "
+                                  f"{MIN_RSA_BITS} bits")
+    if bits > MAX_RSA_BITS:
+        raise ConfigError("bits", f"{bits} bits: gpg makes RSA keys of at most {MAX_RSA_BITS}")
+    if valid_days < 1:
+        raise ConfigError("expires", "a key must be valid for at least one day")
+    if valid_days > MAX_VALID_DAYS:
+        raise ConfigError("expires", f"{valid_days} days is more than two years: Google allows "
+                                     "one year, two at most")
+    if passphrase is not None and (
+        not passphrase or not passphrase.isprintable() or passphrase != passphrase.strip()
+    ):
+        raise ConfigError("passphrase", "the passphrase is empty, has control characters (a "
+                                        "line break inside it, say) or spaces at either end")
+    protection = "%no-protection" if passphrase is None else f"Passphrase: {passphrase}"
+    params = (
+        f"Key-Type: RSA\nKey-Length: {bits}\nKey-Usage: sign\n"
+        f"Subkey-Type: RSA\nSubkey-Length: {bits}\nSubkey-Usage: encrypt\n"
+        f"Name-Real: {name}\nName-Email: {email}\nExpire-Date: {valid_days}d\n"
+        f"Preferences: {KEY_PREFERENCES}\n{protection}\n%commit\n"
+    )
+    with _engine_errors():
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="g", dir=workdir))
+    home = scratch / "h"
+    try:
+        _create_home(home)
+        gpg = _start(home, timeout_s)
+        created = gpg.run(["--gen-key"], params.encode("utf-8"))
+        made = [v[1].upper() for v in created.values("KEY_CREATED") if len(v) > 1]
+        if not made:
+            raise EngineError("gpg could not make the key")
+        fingerprint = made[0]
+        parts = _parse_listing(
+            gpg.run(["--list-keys", "--with-keygrip", fingerprint]).data.decode())
+        primary, subkeys = parts[0], [p for p in parts[1:] if "e" in p.caps]
+        if (primary.fingerprint != fingerprint or not {"s", "c"} <= set(primary.caps)
+                or len(subkeys) != 1 or primary.expires is None):
+            raise EngineError("gpg made a key of another shape than asked")
+        public = gpg.run(["--armor", "--export", fingerprint])
+        secret = gpg.run(["--armor", "--export-secret-keys", fingerprint],
+                         passphrase=passphrase)
+        if not public.data or not secret.data.startswith(b"-----BEGIN PGP PRIVATE KEY"):
+            raise EngineError("gpg could not export the new key")
+        return GeneratedPgpKey(
+            user_id=f"{name} <{email}>", fingerprint=fingerprint,
+            subkey_fingerprint=subkeys[0].fingerprint, bits=primary.bits,
+            created=primary.created, expires=primary.expires, public=public.data,
+            secret=secret.data,
+        )
+    finally:
+        _remove_home(home)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def pgp_key_ids(key: Key) -> frozenset[str]:
+    """Every long key id and fingerprint of a loaded pgp key's parts (upper-case hex)."""
+    material: _Material = key.material
+    return material.keyids
+
+
+def message_recipients(body: bytes) -> tuple[str, ...]:
+    """The key ids a base64url OpenPGP message is encrypted to, read from its public-key
+    session-key packets without decrypting (16 upper-case hex digits each; all zeros for a
+    hidden recipient). Raises MalformedError when the body is not such a message."""
+    message = _b64decode(body)
+    _check_structure(message)
+    data = _dearmor(message) if message.lstrip().startswith(b"-----BEGIN ") else message
+    recipients: list[str] = []
+    pos = 0
+    while True:
+        tag, start, length = _packet(data, pos)
+        if tag not in _SESSION_KEY_TAGS:
+            return tuple(recipients)
+        if tag == 1 and length >= 10 and data[start] == 3:
+            recipients.append(data[start + 1:start + 9].hex().upper())
+        pos = start + length
+
+
 # The envelope.
 
 
@@ -569,6 +709,25 @@ def _signatures(lines: Sequence[tuple[str, list[str]]]) -> list[_Signature]:
             sigs[-1].hash_algo = value[7]
             sigs[-1].primary = (value[9] if len(value) > 9 else value[0]).upper()
     return sigs
+
+
+_SIGNATURE_STATES = {
+    "GOODSIG": "good, but not by an enabled, unexpired peer key",
+    "BADSIG": "bad: the signed data was altered",
+    "EXPSIG": "expired signature",
+    "EXPKEYSIG": "by an expired key",
+    "REVKEYSIG": "by a revoked key",
+}
+
+
+def _describe(sig: _Signature) -> str:
+    """One signature for an error message: signer key id and what gpg made of it."""
+    if sig.kind == "ERRSIG":
+        state = "no such key among the enabled peer keys" if sig.errsig_rc == "9" \
+            else f"cannot be checked (error {sig.errsig_rc or '?'})"
+    else:
+        state = _SIGNATURE_STATES.get(sig.kind, "not checked")
+    return f"key id {sig.keyid or 'unknown'}: {state}"
 
 
 class PgpEnvelope:
@@ -709,7 +868,10 @@ class PgpEnvelope:
         for info in infos:
             mdc, cipher = [*info, "?", "?"][:2]
             if cipher not in ACCEPTED_CIPHERS:
-                raise AlgorithmError(f"cipher algorithm {cipher} is refused", layer="encryption")
+                raise AlgorithmError(
+                    f"cipher algorithm {_CIPHER_NAMES.get(cipher, 'unknown')} ({cipher}) is "
+                    f"refused (accepted: {', '.join(ACCEPTED_CIPHERS.values())})",
+                    layer="encryption")
             if mdc == "0":
                 raise DecryptError("the message has no integrity protection")
         ok = (
@@ -720,8 +882,15 @@ class PgpEnvelope:
         )
         if not ok:
             if enc_to <= no_seckey:
-                raise UnknownKeyError("the message is encrypted to no enabled own key")
-            raise DecryptError("decryption failed")
+                raise UnknownKeyError(
+                    "the message is encrypted to no enabled own key (recipient key ids: "
+                    f"{', '.join(sorted(enc_to))})")
+            if infos:
+                raise DecryptError("the session key was decrypted but the data failed its "
+                                   "integrity check: the message was altered or damaged")
+            raise DecryptError("the session key could not be decrypted with the own key it "
+                               "names (recipient key ids: "
+                               f"{', '.join(sorted(enc_to - no_seckey))})")
         begin = status.index("BEGIN_DECRYPTION", len(status.lines))
         end = status.index("END_DECRYPTION", -1)
         plaintexts = [i for i, (key, _) in enumerate(status.lines) if key == "PLAINTEXT"]
@@ -753,11 +922,15 @@ class PgpEnvelope:
             and any({s.keyid, s.issuer} & k.material.keyids for k in verifiers)
         ]
         if good or refused_algo:
-            raise AlgorithmError("the peer's signature uses a refused hash algorithm",
-                                 layer="signature")
+            hashes = sorted({_HASH_NAMES.get(s.hash_algo, s.hash_algo or "unknown")
+                             for s in good or refused_algo})
+            raise AlgorithmError(
+                f"the peer's signature uses the refused hash algorithm {', '.join(hashes)} "
+                f"(accepted: {', '.join(ACCEPTED_HASHES.values())})", layer="signature")
         if not sigs:
             raise SignatureError("the message is not signed")
-        raise SignatureError("no good signature by an enabled peer key")
+        found = "; ".join(_describe(s) for s in sigs)
+        raise SignatureError(f"no good signature by an enabled peer key (signatures: {found})")
 
     def close(self) -> None:
         """Stop the home's gpg-agent and remove the home. Idempotent."""
