@@ -1,4 +1,5 @@
-"""Command line: run, check, demo. Exit status 0 success, 1 failure, 2 usage error."""
+"""Command line: run, check, demo, keys, open, seal, echo. Exit status 0 success, 1 failure,
+2 usage error."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from gateway.config import LOG_LEVELS, load_config
 from gateway.errors import ConfigError
 from gateway.keys import expiring
+from gateway.keytool import (
+    UsageError,
+    echo,
+    generate_jose,
+    generate_pgp,
+    list_keys,
+    open_body,
+    parse_validity,
+    seal_body,
+)
 from gateway.logs import setup_logging
 from gateway.snapshot import build_snapshot, prepare_runtime_dir, stop_agents
 
@@ -31,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate config, keys and certificates")
     check.add_argument("--config", required=True, type=Path, help="path to config.yaml")
     commands.add_parser("demo", help="run a complete local setup end to end and exit")
+    _key_commands(commands)
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -39,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.demo import run_demo
 
         return run_demo()
+    if args.command in ("keys", "open", "seal", "echo"):
+        return _key_command(parser, args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -55,6 +70,75 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _key_commands(commands: Any) -> None:
+    """keys generate pgp|jose, keys list, open, seal, echo (gateway/keytool.py)."""
+    keys = commands.add_parser("keys", help="generate keys, list a configuration's keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser("generate", help="make a key pair to Google's rules")
+    schemes = generate.add_subparsers(dest="scheme", required=True)
+    pgp = schemes.add_parser("pgp", help="RSA primary (sign, certify) + RSA encryption subkey")
+    pgp.add_argument("--name", required=True, help="key id and file name; the user id's name")
+    pgp.add_argument("--email", required=True, help="the user id's email address")
+    pgp.add_argument("--bits", type=int, default=3072, help="RSA size (2048-4096; 3072)")
+    pgp.add_argument("--expires", type=_validity, default="1y",
+                     help="validity: Nd, Nw, Nm or Ny (1y; at most two years)")
+    pgp.add_argument("--passphrase-file", type=Path, help="protect the secret key with this")
+    pgp.add_argument("--out", required=True, type=Path, help="directory for the key files")
+    jose = schemes.add_parser("jose", help="a JWK for signing or for encryption")
+    jose.add_argument("--kid", required=True, help="key id (kid) and file name")
+    jose.add_argument("--use", required=True, choices=("sig", "enc"))
+    jose.add_argument("--alg", choices=("RS256", "PS256", "ES256", "RSA-OAEP-256"),
+                      help="RS256 (sig) or RSA-OAEP-256 (enc) unless given")
+    jose.add_argument("--bits", type=int, help="RSA size (2048-4096; 3072)")
+    jose.add_argument("--out", required=True, type=Path, help="directory for the key files")
+    listing = keys_commands.add_parser("list", help="every keyset and key with its facts")
+    listing.add_argument("--config", required=True, type=Path, help="path to config.yaml")
+    listing.add_argument("--json", action="store_true", help="one JSON object per key")
+    for name, does in (("open", "open a captured body (stdin) as the route would"),
+                       ("seal", "seal a plaintext body (stdin) as the route would")):
+        command = commands.add_parser(name, help=does)
+        command.add_argument("--config", required=True, type=Path, help="path to config.yaml")
+        command.add_argument("--route", required=True, help="route name")
+        command.add_argument("--response", action="store_true",
+                             help="the body is a response (default: a request)")
+        if name == "open":
+            command.add_argument("--show-payment-data", action="store_true",
+                                 help="print card numbers and cryptograms unmasked")
+    echo = commands.add_parser("echo", help="send an echo to Google through an outbound route")
+    echo.add_argument("--config", required=True, type=Path, help="path to config.yaml")
+    echo.add_argument("--route", required=True, help="an outbound route's name")
+    echo.add_argument("--account", required=True, help="the payment integrator account id")
+
+
+def _validity(text: str) -> int:
+    try:
+        return parse_validity(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _key_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "keys" and args.keys_command == "list":
+            return list_keys(args.config, as_json=args.json)
+        if args.command == "keys" and args.scheme == "pgp":
+            return generate_pgp(args.name, args.email, bits=args.bits, valid_days=args.expires,
+                                passphrase_file=args.passphrase_file, out=args.out)
+        if args.command == "keys":
+            return generate_jose(args.kid, args.use, alg=args.alg, bits=args.bits, out=args.out)
+        if args.command == "echo":
+            return echo(args.config, args.route, args.account)
+        body = sys.stdin.buffer.read()
+        if args.command == "open":
+            return open_body(args.config, args.route, body, response=args.response,
+                             show_payment_data=args.show_payment_data)
+        return seal_body(args.config, args.route, body, response=args.response)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check(path: Path) -> int:

@@ -162,7 +162,7 @@ def generate_jwk(kid: str, use: str, *, bits: int = 2048, alg: str | None = None
         raise ConfigError("alg", f"'{alg}' is not one of: {', '.join(GENERATE_ALGS)}")
     alg_use, kty, curve = GENERATE_ALGS[alg]
     if alg_use != use:
-        raise ConfigError("alg", f"{alg} is a {alg_use} algorithm; a '{use}' key needs one of: "
+        raise ConfigError("alg", f"{alg} is a {alg_use} algorithm; keys for use '{use}' take: "
                                  + ", ".join(a for a, spec in GENERATE_ALGS.items()
                                              if spec[0] == use))
     if kty == "RSA":

@@ -25,7 +25,8 @@ ALLOWED = {
     "app": {"config", "keys", "metrics", "proxy", "reload", "snapshot"},
     "demo": {"app", "config", "envelope", "errors", "jose", "keys", "logs", "metrics", "pgp",
              "snapshot", "tls"},
-    "__main__": {"app", "config", "demo", "errors", "keys", "logs", "snapshot"},
+    "keytool": {"config", "envelope", "errors", "jose", "keys", "pgp", "snapshot"},
+    "__main__": {"app", "config", "demo", "errors", "keys", "keytool", "logs", "snapshot"},
     "__init__": set(),
 }
 THIRD_PARTY_HOME = {
@@ -33,7 +34,7 @@ THIRD_PARTY_HOME = {
     "jwcrypto": {"jose"},
     "yaml": {"config"},
     "prometheus_client": {"metrics"},
-    "aiohttp": {"proxy", "app", "demo"},
+    "aiohttp": {"proxy", "app", "demo", "keytool"},
 }
 
 
