@@ -197,16 +197,13 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
             if watchdog is not None and watchdog.finish():
                 raise EngineError(f"gpg did not finish within {self.timeout_s:g} s")
 
-    def run(self, args: Sequence[str], data: bytes = b"", passphrase: str | None = None,
-            ) -> _Status:
-        """Run gpg with `args` on `data` (stdin, after `passphrase` and a newline when given);
-        gpg's refusals are in the returned status. Raises EngineError when gpg cannot run or
-        misses its deadline."""
+    def run(self, args: Sequence[str], data: bytes = b"") -> _Status:
+        """Run gpg with `args` on `data` (stdin); gpg's refusals are in the returned status.
+        Raises EngineError when gpg cannot run or misses its deadline."""
         status = _Status(self)
         # A BrokenPipeError means gpg stopped reading its input; its status lines say why.
         with _engine_errors(), self._deadline(), contextlib.suppress(BrokenPipeError):
-            self._handle_io(list(args), io.BytesIO(data), status, passphrase=passphrase,
-                            binary=True)
+            self._handle_io(list(args), io.BytesIO(data), status, binary=True)
         return status
 
 
@@ -561,8 +558,10 @@ def generate_pgp_key(
                 or len(subkeys) != 1 or primary.expires is None):
             raise EngineError("gpg made a key of another shape than asked")
         public = gpg.run(["--armor", "--export", fingerprint])
-        secret = gpg.run(["--armor", "--export-secret-keys", fingerprint],
-                         passphrase=passphrase)
+        # The agent asks for the passphrase to export: give it on stdin, as UTF-8 (the key
+        # was protected with the UTF-8 text above).
+        secret = gpg.run(["--passphrase-fd", "0", "--armor", "--export-secret-keys",
+                          fingerprint], (passphrase or "").encode("utf-8") + b"\n")
         if not public.data or not secret.data.startswith(b"-----BEGIN PGP PRIVATE KEY"):
             raise EngineError("gpg could not export the new key")
         return GeneratedPgpKey(
