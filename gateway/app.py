@@ -124,6 +124,7 @@ class Gateway:
             await site.start()
             self._runners[name] = runner
             self.routes[name] = _bound(site)
+        self._spawn(self._measure_loop_lag())
         self.ready = True
         log.info("listening", extra={"fields": {
             "routes": {n: f"{b.host}:{b.port}" for n, b in self.routes.items()},
@@ -180,6 +181,13 @@ class Gateway:
                 "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
                 "expires": key.expires.isoformat(),
                 "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
+
+    async def _measure_loop_lag(self, period: float = 0.25) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(period)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - started - period))
 
     async def _warn_daily(self) -> None:
         while True:
@@ -254,9 +262,9 @@ class Gateway:
 
 
 def _bound(site: web.TCPSite) -> Bound:
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    host, port = server.sockets[0].getsockname()[:2]
+    sockets = getattr(site._server, "sockets", None)  # asyncio's or uvloop's server
+    assert sockets, "the site is not listening"
+    host, port = sockets[0].getsockname()[:2]
     return Bound(host, port)
 
 

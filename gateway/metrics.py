@@ -59,6 +59,12 @@ class Metrics:
             "gateway_config_generation", "Generation of the configuration in service.",
             registry=registry,
         )
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop runs a timer: stalls delay every request.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=registry,
+        )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)  # both series exist from the start
 

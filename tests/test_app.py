@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -154,3 +155,36 @@ async def test_run_process_drains_on_sigterm(
     events = [json.loads(line)["event"] for line in remaining.splitlines()]
     assert "draining" in events
     assert b"4111" not in remaining and REQUEST not in remaining
+
+
+async def test_admin_answers_while_every_crypto_slot_is_busy(
+    google: JoseGoogle, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    partner = await StandIn(json_answer(ANSWER)).start()
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url)
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            envelope = gateway.current.snapshot.routes["in"].envelope
+            real_open = envelope.open
+
+            def slow_open(body: bytes) -> object:
+                time.sleep(1.0)  # a crypto call that holds its executor thread
+                return real_open(body)
+
+            monkeypatch.setattr(envelope, "open", slow_open)
+            requests = [asyncio.create_task(post(gateway, "in", sealed,
+                                                 ctx=pki.client_context()))
+                        for _ in range(gateway.slots + 2)]
+            await asyncio.sleep(0.2)
+            assert await admin_get(gateway, "/healthz") == (200, "ok\n")
+            # Answered while every crypto thread was still held by a request.
+            pending = sum(not r.done() for r in requests)
+            statuses = [status for status, _, _ in await asyncio.gather(*requests)]
+            _, metrics = await admin_get(gateway, "/metrics")
+    finally:
+        await partner.stop()
+    assert statuses == [200] * (gateway.slots + 2)
+    assert pending == gateway.slots + 2
+    assert "gateway_event_loop_lag_seconds_count" in metrics

@@ -35,6 +35,7 @@ THIRD_PARTY_HOME = {
     "yaml": {"config"},
     "prometheus_client": {"metrics"},
     "aiohttp": {"proxy", "app", "demo", "keytool"},
+    "uvloop": {"__main__"},
 }
 
 

@@ -335,12 +335,13 @@ async def test_certificate_rotation_keeps_open_connections(
             assert await served_serial(gateway, pki, None) == new_serial
 
 
-async def served_serial(gateway: Gateway, pki: Pki, server_name: str | None) -> int:
+async def served_serial(gateway: Gateway | int, pki: Pki, server_name: str | None) -> int:
+    port = gateway if isinstance(gateway, int) else gateway.routes["in"].port
     context = pki.client_context()
     if server_name is None:
         context.check_hostname = False  # an IP address: the client sends no SNI
     _, writer = await asyncio.open_connection(
-        "127.0.0.1", gateway.routes["in"].port, ssl=context, server_hostname=server_name or "")
+        "127.0.0.1", port, ssl=context, server_hostname=server_name or "")
     serial = int(writer.get_extra_info("ssl_object").getpeercert()["serialNumber"], 16)
     writer.close()
     await writer.wait_closed()
@@ -407,6 +408,9 @@ async def test_real_process_keeps_serving_through_a_broken_reload(
     text = config(google, runtime_dir, pki, inbound_url=partner.url)
     for name in ("partner-sig-a", "partner-enc-a"):
         text = text.replace(str(jose_keys.private(name)), str(keys / f"{name}.jwk"))
+    # The listener's certificate too, to rotate it in the real process (which runs uvloop).
+    cert, key, _ = issue(pki, tmp_path, "first")
+    text = text.replace(f"cert: {pki.cert}, key: {pki.key}", f"cert: {cert}, key: {key}")
     path = tmp_path / "config.yaml"
     path.write_text(textwrap.dedent(text))
     sealed = await asyncio.to_thread(google.seal, REQUEST)
@@ -443,6 +447,15 @@ async def test_real_process_keeps_serving_through_a_broken_reload(
         assert await request() == 200
         metrics = await admin_text(admin, "/metrics")
         assert 'gateway_config_reloads_total{result="success"} 1.0' in metrics
+
+        new_cert, new_key, new_serial = issue(pki, tmp_path, "second")
+        cert.write_bytes(new_cert.read_bytes())
+        key.write_bytes(new_key.read_bytes())
+        process.send_signal(signal.SIGHUP)
+        assert (await next_event(process.stderr, "reloaded"))["generation"] == 3
+        assert await served_serial(port, pki, "localhost") == new_serial
+        assert await served_serial(port, pki, None) == new_serial
+        assert await request() == 200
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
