@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import shutil
 import sys
-import tempfile
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -154,14 +153,14 @@ def _key_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 def _check(path: Path) -> int:
     try:
         config = load_config(path)
-        root = Path(tempfile.mkdtemp(prefix="gwc-", dir="/tmp"))
+        # The configured runtime_dir: in a container it is the one writable place.
+        workdir = prepare_runtime_dir(config.runtime_dir)
         try:
-            workdir = prepare_runtime_dir(root)
             snapshot = build_snapshot(config, 1, workdir)
             snapshot.close()
         finally:
-            stop_agents(root)
-            shutil.rmtree(root, ignore_errors=True)
+            stop_agents(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

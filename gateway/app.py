@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import signal
 import ssl
@@ -18,7 +17,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, usable_cores
 from gateway.keys import expiring
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.proxy import Inflight, Proxy
@@ -282,10 +281,7 @@ async def build_gateway(config: Config, metrics: Metrics | None = None) -> Gatew
 
 def crypto_slots() -> int:
     """Crypto threads (and GnuPG homes per PGP route) for this process: the usable cores."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 async def serve(config_path: Path) -> int:

@@ -160,7 +160,7 @@ class Limits:
     @property
     def inflight(self) -> int:
         """The in-flight cap in force: the configured one, else 64 per CPU core."""
-        return self.max_inflight if self.max_inflight is not None else 64 * (os.cpu_count() or 1)
+        return self.max_inflight if self.max_inflight is not None else 64 * usable_cores()
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,22 @@ class Config:
             up = route.upstream
             paths += [p for p in (up.ca, up.client_cert, up.client_key) if p]
         return tuple(dict.fromkeys(paths))
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def files_digest(paths: tuple[Path, ...]) -> str:
@@ -563,7 +579,7 @@ def _limits(reader: _Reader, node: Any) -> Limits:
 
 def _workers(reader: _Reader, node: Any) -> int:
     if node == "auto":
-        return os.cpu_count() or 1
+        return usable_cores()
     return reader.integer(node, "workers", 1)
 
 
