@@ -431,13 +431,22 @@ def explain(snapshot: Snapshot, route: RouteRuntime, body: bytes, message: str) 
     header = jwe_header(body)
     if header is not None:
         kid = header.get("kid")
-        lines.append(f"JWE alg {header.get('alg')!s}, enc {header.get('enc')!s}, kid "
-                     f"{kid if isinstance(kid, str) else '(none)'}"
+        lines.append(f"JWE alg {_shown(header.get('alg'))}, enc {_shown(header.get('enc'))}, "
+                     f"kid {_shown(kid) if kid is not None else '(none)'}"
                      + (f": {_jose_owner(kid, own)}" if isinstance(kid, str) else ""))
     for kid in dict.fromkeys(re.findall(r"JWS kid '([^']*)'|peer key '([^']*)'", message)):
         named = kid[0] or kid[1]
         lines.append(f"JWS kid {named}: {_jose_owner(named, peer)}")
     return lines
+
+
+def _shown(value: object) -> str:
+    """A header value from the message, safe to print: as is when it looks like a name or an
+    algorithm, else quoted and cut short (it may carry control characters)."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._:@+-]{1,64}", value):
+        return value
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _pgp_owner(key_id: str, expected: Keyset, other: Keyset) -> str:

@@ -23,8 +23,8 @@ from gateway.jose import JoseEnvelope, load_jose_keyset
 from gateway.keys import Keyset
 from gateway.keytool import mask_payment_data
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
-from tests.e2e import Pki
-from tests.jose_fixtures import JoseKeys, NodeJose, NodeJoseError
+from tests.e2e import Pki, rsa_public
+from tests.jose_fixtures import JoseKeys, NodeJose, NodeJoseError, craft_jwe
 from tests.peers import StandIn
 from tests.pgp_fixtures import GpgPeer, PgpKeys, b64url, unb64url
 
@@ -473,6 +473,11 @@ def test_open_explains_jose_failures(
     assert "altered" in tampered.err
     refused = opened(seal("google-sig-a", "partner-enc-a", enc="A192GCM"))
     assert refused.code == 1 and "algorithm: JWE enc 'A192GCM' is not accepted" in refused.err
+    hostile = craft_jwe({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": "\x1b[2J" + "k" * 99},
+                        b"{}", rsa_public(k, "partner-enc-a"))
+    shown = opened(hostile.encode())
+    assert shown.code == 1 and "unknown_key" in shown.err
+    assert "\x1b" not in shown.err and "k" * 60 not in shown.err  # quoted and cut short
 
 
 def test_open_and_seal_follow_the_route_direction(
