@@ -675,14 +675,19 @@ def _scratch(prefix: str) -> Iterator[Path]:
 @contextlib.contextmanager
 def _loaded(config_path: Path) -> Iterator[Snapshot]:
     """The configuration at `config_path` built exactly as the gateway builds it (one crypto
-    slot), in a private scratch runtime directory. Raises ConfigError."""
+    slot), in a private directory below its runtime_dir (in a container, the one writable
+    place), removed afterwards. Raises ConfigError."""
     config = load_config(config_path)
-    with _scratch("gwk-") as root:
-        snapshot = build_snapshot(config, 1, prepare_runtime_dir(root))
+    workdir = prepare_runtime_dir(config.runtime_dir)
+    try:
+        snapshot = build_snapshot(config, 1, workdir)
         try:
             yield snapshot
         finally:
             snapshot.close()
+    finally:
+        stop_agents(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _iso(moment: datetime) -> str:
