@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 import shutil
 import signal
 import ssl
@@ -17,12 +17,14 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gateway.admin import build_admin_app, describe_keys, status_document
 from gateway.config import Config, load_config, usable_cores
 from gateway.keys import expiring
-from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics import Metrics
 from gateway.proxy import Inflight, Proxy
 from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
+from gateway.supervisor import WorkerRole, supervise
 
 log = logging.getLogger("gateway.app")
 
@@ -37,7 +39,8 @@ class Gateway:
     """One process's gateway: a listener per route plus the admin listener."""
 
     def __init__(self, snapshot: Snapshot, workdir: Path, metrics: Metrics,
-                 slots: int = 1) -> None:
+                 slots: int = 1, worker: WorkerRole | None = None) -> None:
+        self.worker = worker
         self.workdir = workdir
         self.metrics = metrics
         # One crypto thread per slot: RSA in `cryptography` and gpg subprocesses run outside
@@ -67,10 +70,12 @@ class Gateway:
         return await self.reloader.reload(trigger)
 
     def watch(self) -> None:
-        """Poll the configuration's files and reload on SIGHUP, until close()."""
+        """Poll the configuration's files and reload on SIGHUP, until close(). A worker only
+        reloads on SIGHUP: its supervisor polls, validates and signals every worker."""
         self._watching = True
-        self._spawn(self.reloader.poll_forever())
-        self._spawn(self._warn_daily())
+        if self.worker is None:
+            self._spawn(self.reloader.poll_forever())
+            self._spawn(self._warn_daily())
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, lambda: self._spawn(self.reloader.reload("sighup")))
 
@@ -90,17 +95,15 @@ class Gateway:
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
-        admin_app = web.Application()
-        admin_app.router.add_get("/healthz", self._healthz)
-        admin_app.router.add_get("/readyz", self._readyz)
-        admin_app.router.add_get("/metrics", self._metrics)
-        admin_app.router.add_get("/status", self._status)
-        self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
-        await self._admin_runner.setup()
-        admin_site = web.TCPSite(self._admin_runner, config.admin_listen.host,
-                                 config.admin_listen.port)
-        await admin_site.start()
-        self.admin = _bound(admin_site)
+        if self.worker is None:
+            admin_app = build_admin_app(self._not_ready, self.metrics, lambda: status_document(
+                self.current.snapshot, self.reloader, self.draining))
+            self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+            await self._admin_runner.setup()
+            admin_site = web.TCPSite(self._admin_runner, config.admin_listen.host,
+                                     config.admin_listen.port)
+            await admin_site.start()
+            self.admin = _bound(admin_site)
         for name, route in self.current.snapshot.routes.items():
             proxy = Proxy(name, self.current, self._session, self.executor, self.metrics,
                           self.inflight, draining=lambda: self.draining)
@@ -118,25 +121,36 @@ class Gateway:
                 # The listener keeps its first context; each handshake switches to the
                 # certificate of the configuration in service (hot certificate rotation).
                 route.server_ssl.sni_callback = self._certificate_picker(name)
-            site = web.TCPSite(runner, route.config.listen.host, route.config.listen.port,
-                               ssl_context=route.server_ssl, backlog=1024)
+            port = route.config.listen.port if self.worker is None else self.worker.ports[name]
+            # Workers bind the same ports (the supervisor resolved port 0) and the kernel
+            # spreads connections among them.
+            site = web.TCPSite(runner, route.config.listen.host, port,
+                               ssl_context=route.server_ssl, backlog=1024,
+                               reuse_port=self.worker is not None)
             await site.start()
             self._runners[name] = runner
             self.routes[name] = _bound(site)
         self._spawn(self._measure_loop_lag())
         self.ready = True
-        log.info("listening", extra={"fields": {
+        fields: dict[str, object] = {
             "routes": {n: f"{b.host}:{b.port}" for n, b in self.routes.items()},
-            "admin": f"{self.admin.host}:{self.admin.port}",
-            "generation": self.current.snapshot.generation}})
+            "generation": self.current.snapshot.generation}
+        if self.admin is not None:
+            fields["admin"] = f"{self.admin.host}:{self.admin.port}"
+        if self.worker is not None:
+            fields["worker"] = self.worker.index
+            self.worker.ready_file.write_text(str(os.getpid()))
+        log.info("listening", extra={"fields": fields})
 
     async def drain(self) -> int:
         """The sidecar order: /readyz 503 at once, wait drain_delay_s while still serving, stop
         accepting, let in-flight requests finish until shutdown_timeout_s. 0 if all finished."""
         config = self.current.snapshot.config
         self.draining = True
-        log.info("draining", extra={"fields": {"drain_delay_s": config.drain_delay_s}})
-        await asyncio.sleep(config.drain_delay_s)
+        # A worker's supervisor has already waited drain_delay_s while /readyz said 503.
+        delay = config.drain_delay_s if self.worker is None else 0.0
+        log.info("draining", extra={"fields": {"drain_delay_s": delay}})
+        await asyncio.sleep(delay)
         for runner in self._runners.values():
             for site in list(runner.sites):
                 await site.stop()
@@ -170,17 +184,6 @@ class Gateway:
         self.executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _warn_expiring(self, snapshot: Snapshot) -> None:
-        """Log each enabled key expiring within warn_expiry_days (start-up, reload, daily)."""
-        now = datetime.now(UTC)
-        within = timedelta(days=snapshot.config.warn_expiry_days)
-        for keyset, key in expiring(snapshot.keysets.values(), within, now):
-            assert key.expires is not None
-            log.warning("key expires soon", extra={"fields": {
-                "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
-                "expires": key.expires.isoformat(),
-                "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
-
     async def _measure_loop_lag(self, period: float = 0.25) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -191,7 +194,7 @@ class Gateway:
     async def _warn_daily(self) -> None:
         while True:
             await asyncio.sleep(86400)
-            self._warn_expiring(self.current.snapshot)
+            warn_expiring(self.current.snapshot)
 
     def _retire(self, snapshot: Snapshot) -> None:
         # Closing stops gpg-agents (subprocesses): off the event loop.
@@ -211,53 +214,27 @@ class Gateway:
 
         return pick
 
+    def _not_ready(self) -> str | None:
+        if self.draining:
+            return "draining"
+        return None if self.ready else "starting"
+
     def _describe(self, snapshot: Snapshot) -> None:
-        self._warn_expiring(snapshot)
-        self.metrics.config_generation.set(snapshot.generation)
-        self.metrics.key_info.clear()
-        self.metrics.key_expiry.clear()
-        for keyset in snapshot.keysets.values():
-            for key in keyset.keys:
-                self.metrics.key_info.labels(keyset.name, key.id, key.state.value,
-                                             key.fingerprint).set(1)
-                if key.expires is not None:
-                    self.metrics.key_expiry.labels(keyset.name, key.id).set(
-                        key.expires.timestamp())
+        if self.worker is None:  # a worker's supervisor describes the configuration
+            warn_expiring(snapshot)
+            describe_keys(self.metrics, snapshot)
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+def warn_expiring(snapshot: Snapshot) -> None:
+        """Log each enabled key expiring within warn_expiry_days (start-up, reload, daily)."""
+        now = datetime.now(UTC)
+        within = timedelta(days=snapshot.config.warn_expiry_days)
+        for keyset, key in expiring(snapshot.keysets.values(), within, now):
+            assert key.expires is not None
+            log.warning("key expires soon", extra={"fields": {
+                "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
+                "expires": key.expires.isoformat(),
+                "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
 
-    async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready and not self.draining:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="draining\n" if self.draining else "starting\n")
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-    async def _status(self, request: web.Request) -> web.Response:
-        snapshot = self.current.snapshot
-        last = self.reloader.last
-        status = {
-            "generation": snapshot.generation,
-            "loaded_at": snapshot.loaded_at.isoformat(),
-            "draining": self.draining,
-            "last_reload": None if last is None else {
-                "time": last.time.isoformat(), "result": last.result, "trigger": last.trigger,
-                "error": last.error, "warnings": list(last.warnings)},
-            "keysets": {
-                name: [
-                    {"id": k.id, "state": k.state.value, "fingerprint": k.fingerprint,
-                     "type": keyset.type, "algorithm": k.algorithm,
-                     "capabilities": list(k.capabilities), "private": k.private,
-                     "expires": k.expires.isoformat() if k.expires else None}
-                    for k in keyset.keys
-                ]
-                for name, keyset in snapshot.keysets.items()
-            },
-        }
-        return web.Response(text=json.dumps(status, indent=2) + "\n",
-                            content_type="application/json")
 
 
 def _bound(site: web.TCPSite) -> Bound:
@@ -267,16 +244,19 @@ def _bound(site: web.TCPSite) -> Bound:
     return Bound(host, port)
 
 
-async def build_gateway(config: Config, metrics: Metrics | None = None) -> Gateway:
+async def build_gateway(config: Config, metrics: Metrics | None = None,
+                        worker: WorkerRole | None = None) -> Gateway:
     """Load every key and build the gateway for `config` (not started yet)."""
     workdir = prepare_runtime_dir(config.runtime_dir)
-    slots = crypto_slots()
+    # The cores are shared among the workers: as many crypto threads in all as cores.
+    slots = max(1, crypto_slots() // (config.workers if worker is not None else 1))
     try:
         snapshot = await asyncio.to_thread(build_snapshot, config, 1, workdir, slots)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return Gateway(snapshot, workdir, metrics or Metrics(), slots)
+    role = "single" if worker is None else "worker"
+    return Gateway(snapshot, workdir, metrics or Metrics(role=role), slots, worker)
 
 
 def crypto_slots() -> int:
@@ -287,11 +267,10 @@ def crypto_slots() -> int:
 async def serve(config_path: Path) -> int:
     """`run`: serve until SIGTERM or SIGINT, then drain. Returns the exit status."""
     config = load_config(config_path)
-    if config.workers != 1:
-        log.error("workers other than 1 are not supported yet; set workers: 1",
-                  extra={"fields": {"workers": config.workers}})
-        return 1
-    gateway = await build_gateway(config)
+    worker = WorkerRole.from_environment()
+    if worker is None and config.workers > 1:
+        return await supervise(config)
+    gateway = await build_gateway(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

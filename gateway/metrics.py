@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -13,10 +14,35 @@ _CRYPTO_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class Metrics:
-    """The gateway's metrics. Label values come from the configuration, never from requests."""
+class _Unexported:
+    """Stands in for a metric this process must not write: with several workers, the traffic
+    metrics come from the workers and the configuration's from their supervisor."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def labels(self, *values: str) -> _Unexported:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+class Metrics:
+    """The gateway's metrics. Label values come from the configuration, never from requests.
+
+    `role` "single" registers everything; "worker" (several processes, prometheus-client's
+    multiprocess mode) leaves out what describes the configuration; "supervisor" has only that,
+    plus the workers' aggregated files through `aggregate()`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 role: str = "single") -> None:
         registry = registry if registry is not None else CollectorRegistry()
         self.registry = registry
         self.requests = Counter(
@@ -67,6 +93,17 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)  # both series exist from the start
+        traffic = ("requests", "request_duration", "upstream_duration", "crypto_duration",
+                   "crypto_failures", "key_uses", "loop_lag")
+        configuration = ("key_expiry", "key_info", "config_reloads", "config_generation")
+        dropped = {"single": (), "worker": configuration, "supervisor": traffic}[role]
+        for name in dropped:
+            registry.unregister(getattr(self, name))
+            setattr(self, name, _Unexported())
+
+    def aggregate(self, directory: str) -> None:
+        """Export the traffic metrics the workers write under `directory` (summed)."""
+        MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

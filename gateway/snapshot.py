@@ -50,7 +50,8 @@ class Snapshot:
 def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 1) -> Snapshot:
     """Load every key (disabled ones too), check each route's keysets and build its envelope and
     TLS contexts. PGP routes get `slots` GnuPG homes (one per crypto thread: a single gpg-agent
-    is a bottleneck). Raises ConfigError naming the place; on failure nothing is left behind."""
+    is a bottleneck); `slots` 0 validates everything but builds no envelope. Raises
+    ConfigError naming the place; on failure nothing is left behind."""
     keysets: dict[str, Keyset] = {}
     routes: dict[str, RouteRuntime] = {}
     scratch = workdir / f"s{generation}"
@@ -68,6 +69,8 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
                 build_server_context(route.tls, f"{route.place}.tls") if route.tls else None
             )
             client_ssl = build_client_context(route.upstream, f"{route.place}.upstream")
+            if slots == 0:
+                continue  # validation only (a supervisor): no envelopes, no GnuPG homes
             envelope: Envelope
             if route.scheme == "pgp":
                 homes: list[Envelope] = []

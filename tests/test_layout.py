@@ -22,7 +22,9 @@ ALLOWED = {
     "snapshot": {"config", "envelope", "errors", "jose", "keys", "pgp", "tls"},
     "proxy": {"envelope", "errors", "metrics", "snapshot"},
     "reload": {"config", "errors", "metrics", "snapshot"},
-    "app": {"config", "keys", "metrics", "proxy", "reload", "snapshot"},
+    "admin": {"metrics", "reload", "snapshot"},
+    "supervisor": {"admin", "config", "metrics", "reload", "snapshot"},
+    "app": {"admin", "config", "keys", "metrics", "proxy", "reload", "snapshot", "supervisor"},
     "demo": {"app", "config", "envelope", "errors", "jose", "keys", "logs", "metrics", "pgp",
              "snapshot", "tls"},
     "keytool": {"config", "envelope", "errors", "jose", "keys", "pgp", "snapshot"},
@@ -34,7 +36,7 @@ THIRD_PARTY_HOME = {
     "jwcrypto": {"jose"},
     "yaml": {"config"},
     "prometheus_client": {"metrics"},
-    "aiohttp": {"proxy", "app", "demo", "keytool"},
+    "aiohttp": {"proxy", "app", "demo", "keytool", "admin", "supervisor"},
     "uvloop": {"__main__"},
 }
 

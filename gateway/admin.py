@@ -1,0 +1,78 @@
+"""The admin listener's endpoints (/healthz, /readyz, /metrics, /status), shared by a gateway
+process and the supervisor of several workers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.reload import Reloader
+from gateway.snapshot import Snapshot
+
+
+def build_admin_app(ready: Callable[[], str | None], metrics: Metrics,
+                    status: Callable[[], dict[str, Any]]) -> web.Application:
+    """`ready()` returns None when ready, else why not ("starting", "draining")."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        reason = ready()
+        if reason is None:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"{reason}\n")
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def status_page(request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(status(), indent=2) + "\n",
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/status", status_page)
+    return app
+
+
+def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool) -> dict[str, Any]:
+    """What /status shows: generation, last reload, every key's public facts (no material)."""
+    last = reloader.last
+    return {
+        "generation": snapshot.generation,
+        "loaded_at": snapshot.loaded_at.isoformat(),
+        "draining": draining,
+        "last_reload": None if last is None else {
+            "time": last.time.isoformat(), "result": last.result, "trigger": last.trigger,
+            "error": last.error, "warnings": list(last.warnings)},
+        "keysets": {
+            name: [
+                {"id": k.id, "state": k.state.value, "fingerprint": k.fingerprint,
+                 "type": keyset.type, "algorithm": k.algorithm,
+                 "capabilities": list(k.capabilities), "private": k.private,
+                 "expires": k.expires.isoformat() if k.expires else None}
+                for k in keyset.keys
+            ]
+            for name, keyset in snapshot.keysets.items()
+        },
+    }
+
+
+def describe_keys(metrics: Metrics, snapshot: Snapshot) -> None:
+    """Set the gauges that describe the configuration: generation, key info and expiry (keys
+    that left the configuration disappear)."""
+    metrics.config_generation.set(snapshot.generation)
+    metrics.key_info.clear()
+    metrics.key_expiry.clear()
+    for keyset in snapshot.keysets.values():
+        for key in keyset.keys:
+            metrics.key_info.labels(keyset.name, key.id, key.state.value, key.fingerprint).set(1)
+            if key.expires is not None:
+                metrics.key_expiry.labels(keyset.name, key.id).set(key.expires.timestamp())

@@ -1,0 +1,183 @@
+"""Several worker processes: the supervisor resolves the listeners' ports, starts the workers,
+serves the admin endpoints with their metrics summed, validates reloads and drains them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.admin import build_admin_app, describe_keys, status_document
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.reload import Reloader
+from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
+
+log = logging.getLogger("gateway.supervisor")
+RESTART_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What a worker process gets from its supervisor (environment variable GATEWAY_WORKER)."""
+
+    index: int
+    ports: dict[str, int]
+    ready_file: Path
+
+    @classmethod
+    def from_environment(cls) -> WorkerRole | None:
+        text = os.environ.get("GATEWAY_WORKER")
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(int(data["index"]), {k: int(v) for k, v in data["ports"].items()},
+                   Path(data["ready_file"]))
+
+    def to_environment(self) -> str:
+        return json.dumps({"index": self.index, "ports": self.ports,
+                           "ready_file": str(self.ready_file)})
+
+
+class Supervisor:
+    def __init__(self, config: Config, workdir: Path) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.metrics_dir = workdir / "metrics"
+        self.metrics_dir.mkdir(mode=0o700)
+        self.metrics = Metrics(role="supervisor")
+        self.metrics.aggregate(str(self.metrics_dir))
+        snapshot = build_snapshot(config, 1, workdir, slots=0)
+        self.current = Current(snapshot, lambda old: None)
+        self.reloader = Reloader(config.path, self.current,
+                                 lambda c, g: build_snapshot(c, g, workdir, slots=0),
+                                 self.metrics, on_swap=self._swapped)
+        describe_keys(self.metrics, snapshot)
+        self.draining = False
+        self.ports: dict[str, int] = {}
+        self._reserved: list[socket.socket] = []
+        self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def reserve_ports(self) -> None:
+        """Bind (without listening) each route's address with SO_REUSEPORT: port 0 becomes one
+        concrete port that every worker then binds and listens on."""
+        for route in self.config.routes:
+            family = socket.AF_INET6 if ":" in route.listen.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((route.listen.host, route.listen.port))
+            self._reserved.append(sock)
+            self.ports[route.name] = sock.getsockname()[1]
+
+    def _ready_file(self, index: int) -> Path:
+        return self.workdir / f"ready-{index}"
+
+    async def start_worker(self, index: int) -> None:
+        self._ready_file(index).unlink(missing_ok=True)
+        role = WorkerRole(index, self.ports, self._ready_file(index))
+        env = {**os.environ, "GATEWAY_WORKER": role.to_environment(),
+               "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(self.config.path), env=env)
+        self.workers[index] = process
+        task = asyncio.get_running_loop().create_task(self._watch(index, process))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, index: int, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if self.draining:
+            return
+        log.error("worker exited; starting a new one",
+                  extra={"fields": {"worker": index, "pid": process.pid, "exit": code}})
+        await asyncio.sleep(RESTART_DELAY_S)
+        if not self.draining:
+            await self.start_worker(index)
+
+    def not_ready(self) -> str | None:
+        if self.draining:
+            return "draining"
+        ready = all(self._ready_file(i).exists() for i in self.workers)
+        return None if ready and self.workers else "starting"
+
+    def _swapped(self, snapshot: Snapshot) -> None:
+        describe_keys(self.metrics, snapshot)
+        for process in self.workers.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGHUP)
+
+    async def drain(self) -> int:
+        """/readyz 503 at once, drain_delay_s while workers still serve, then SIGTERM to every
+        worker (each finishes its requests within shutdown_timeout_s). 1 if any was cut off."""
+        self.draining = True
+        config = self.current.snapshot.config
+        log.info("draining", extra={"fields": {"drain_delay_s": config.drain_delay_s,
+                                               "workers": len(self.workers)}})
+        await asyncio.sleep(config.drain_delay_s)
+        for process in self.workers.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        codes = []
+        for process in self.workers.values():
+            try:
+                async with asyncio.timeout(config.shutdown_timeout_s + 10):
+                    codes.append(await process.wait())
+            except TimeoutError:
+                process.kill()
+                codes.append(await process.wait())
+        for sock in self._reserved:
+            sock.close()
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+async def supervise(config: Config) -> int:
+    """`run` with workers > 1: serve until SIGTERM/SIGINT through `config.workers` processes."""
+    workdir = prepare_runtime_dir(config.runtime_dir)
+    supervisor = await asyncio.to_thread(Supervisor, config, workdir)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: set[asyncio.Task[object]] = {loop.create_task(supervisor.reloader.poll_forever())}
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: tasks.add(loop.create_task(supervisor.reloader.reload("sighup"))))
+    admin = web.AppRunner(build_admin_app(supervisor.not_ready, supervisor.metrics,
+                                          lambda: status_document(supervisor.current.snapshot,
+                                                                  supervisor.reloader,
+                                                                  supervisor.draining)),
+                          handle_signals=False, access_log=None)
+    await admin.setup()
+    site = web.TCPSite(admin, config.admin_listen.host, config.admin_listen.port)
+    await site.start()
+    admin_port = getattr(site._server, "sockets", [])[0].getsockname()[1]
+    supervisor.reserve_ports()
+    for index in range(config.workers):
+        await supervisor.start_worker(index)
+    while supervisor.not_ready() is not None and not stop.is_set():
+        await asyncio.sleep(0.05)
+    log.info("listening", extra={"fields": {
+        "routes": {n: f"{r.listen.host}:{supervisor.ports[n]}"
+                   for n, r in ((r.name, r) for r in config.routes)},
+        "admin": f"{config.admin_listen.host}:{admin_port}", "workers": config.workers,
+        "generation": supervisor.current.snapshot.generation}})
+    await stop.wait()
+    code = await supervisor.drain()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    loop.remove_signal_handler(signal.SIGHUP)
+    await admin.cleanup()
+    supervisor.current.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    return code
