@@ -245,8 +245,7 @@ class Traffic:
             self.done["out"] += 1
 
     def run(self) -> Awaitable[list[None]]:
-        return asyncio.gather(self.inbound("in-1"), self.inbound("in-2"),
-                              self.outbound("out-1"), self.outbound("out-2"))
+        return asyncio.gather(self.inbound("in"), self.outbound("out"))
 
     async def newer_than(self, moment: float) -> None:
         """Until every loop's request in progress started after `moment` (the older ones,
