@@ -41,6 +41,7 @@ DEFAULT_JWE_ENCS = ("A256GCM", "A128GCM", "A256CBC-HS512", "A128CBC-HS256")
 PGP_DIGESTS = ("SHA256", "SHA384", "SHA512")
 PGP_CIPHERS = ("AES128", "AES192", "AES256")
 PGP_COMPRESSIONS = ("none", "zip", "zlib")
+PGP_ENGINES = ("gnupg", "native")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -117,6 +118,7 @@ class PgpOptions:
     compression: Literal["none", "zip", "zlib"] = "none"
     digest: str = "SHA384"
     cipher: str = "AES256"
+    engine: Literal["gnupg", "native"] = "gnupg"
 
 
 @dataclass(frozen=True)
@@ -514,6 +516,9 @@ def _pgp(reader: _Reader, place: str, node: Any) -> PgpOptions:
         ),
         digest=reader.choice(p.optional("digest", "SHA384"), f"{place}.digest", PGP_DIGESTS),
         cipher=reader.choice(p.optional("cipher", "AES256"), f"{place}.cipher", PGP_CIPHERS),
+        engine=reader.choice(  # type: ignore[arg-type]
+            p.optional("engine", "gnupg"), f"{place}.engine", PGP_ENGINES
+        ),
     )
     p.finish()
     return options
