@@ -1075,9 +1075,7 @@ def _content(data: bytes, limit: int) -> _Content:
     announced = frozenset(packets[i].body[2] for i in range(prefix, at)
                           if len(packets[i].body) == 13 and packets[i].body[0] == 3)
     sigs: list[tuple[_Sig | None, frozenset[int] | None]] = []
-    # One-pass signatures are reported in the order of their one-pass packets (the signature
-    # packets close in reverse), as gpg reports them.
-    for i in (*range(prefix), *reversed(range(at + 1, len(packets)))):
+    for i in (*range(prefix), *range(at + 1, len(packets))):  # gpg's order of report
         try:
             sig = _parse_sig(packets[i].body)
         except _Invalid:
@@ -1142,14 +1140,14 @@ class NativePgpEnvelope:
         o = self.options
         digest = _DIGEST_IDS[o.digest]
         data = _hash_of(digest, plaintext)
+        # As gpg writes them: one-pass packets in reverse, so that the signature packets, which
+        # close in the reverse order of their one-pass packets (RFC 4880 5.4), come in order.
         one_pass = b"".join(
-            _packet(_OPS, bytes([3, 0x00, digest, 1]) + part.keyid
-                    + bytes([1 if i == len(signers) - 1 else 0]))
-            for i, (_, part) in enumerate(signers)
+            _packet(_OPS, bytes([3, 0x00, digest, 1]) + part.keyid + bytes([i == 0]))
+            for i, (_, part) in reversed(list(enumerate(signers)))
         )
-        # The signatures close in the reverse order of their one-pass packets (RFC 4880 5.4).
         signatures = b"".join(
-            _packet(_SIG, _make_sig(part, 0x00, digest, data, now)) for _, part in reversed(signers)
+            _packet(_SIG, _make_sig(part, 0x00, digest, data, now)) for _, part in signers
         )
         literal = _packet(_LITERAL, b"b\x00" + now.to_bytes(4, "big") + plaintext)
         inner = one_pass + literal + signatures

@@ -116,13 +116,12 @@ class Craft:
 
     def signed(self, data: bytes, signers: Sequence[str], *, hash_id: int = 9,
                mode: bytes = b"b", one_pass: bool = True) -> bytes:
-        """OPS... literal SIG... (one_pass) or SIG... literal."""
+        """OPS... literal SIG... as gpg writes them (one_pass) or SIG... literal."""
         sigs = [self.sig(n, data, hash_id=hash_id) for n in signers]
         if not one_pass:
             return b"".join(sigs) + self.literal(data, mode)
-        ops = [self.ops(n, hash_id=hash_id, last=i == len(signers) - 1)
-               for i, n in enumerate(signers)]
-        return b"".join(ops) + self.literal(data, mode) + b"".join(reversed(sigs))
+        ops = [self.ops(n, hash_id=hash_id, last=i == 0) for i, n in enumerate(signers)]
+        return b"".join(reversed(ops)) + self.literal(data, mode) + b"".join(sigs)
 
     @staticmethod
     def compressed(algo: int, inner: bytes) -> bytes:
