@@ -689,7 +689,8 @@ class PgpGoogle(Google):
 
 
 def gateway_config(google: Google, route_port: int, admin_port: int, partner: Partner,
-                   runtime: Path, certs: tuple[Path, ...], workers: str) -> str:
+                   runtime: Path, certs: tuple[Path, ...], workers: str,
+                   pgp_engine: str | None = None) -> str:
     _, cert, key = certs
     head = f"""\
         admin: {{listen: "127.0.0.1:{admin_port}"}}
@@ -707,8 +708,11 @@ def gateway_config(google: Google, route_port: int, admin_port: int, partner: Pa
             own_keys: partner
             peer_keys: google
         """
-    return (textwrap.dedent(head) + textwrap.dedent(google.keysets_yaml())
+    text = (textwrap.dedent(head) + textwrap.dedent(google.keysets_yaml())
             + textwrap.dedent(routes))
+    if pgp_engine is not None and google.scheme == "pgp":
+        text += f"    pgp: {{engine: {pgp_engine}}}\n"
+    return text
 
 
 def post(port: int, body: bytes, content_type: str, ca: Path) -> tuple[int, str, bytes]:
@@ -792,6 +796,7 @@ class Options:
     pool: int
     log_level: str
     profile: Path | None
+    pgp_engine: str | None = None
 
 
 def slice_seconds(total: float, slices: int, fraction: float = 1.0) -> int:
@@ -826,7 +831,7 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
     route_port, admin_port = free_port(), free_port()
     config = root / f"config-{tag}.yaml"
     config.write_text(gateway_config(google, route_port, admin_port, partner, runtime, certs,
-                                     opts.workers))
+                                     opts.workers, opts.pgp_engine))
     gateway = GatewayProcess(config, root / f"gateway-{tag}.log", runtime, opts.log_level,
                              opts.workers)
     try:
@@ -1195,6 +1200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="the gateway's log level (default info: a line per request)")
+    parser.add_argument("--pgp-engine", choices=["gnupg", "native"],
+                        help="the PGP route's pgp.engine (default: not set, the gateway's own "
+                             "default)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="after each case's slices, attach py-spy to the gateway under the "
                              "same load and summarize where its CPU goes (raw stacks in DIR)")
@@ -1215,7 +1223,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gpg is not installed (needed for --scheme pgp)", file=sys.stderr)
         return 1
     opts = Options(args.concurrency, args.seconds, args.slices, args.workers, args.pool,
-                   args.log_level, args.profile)
+                   args.log_level, args.profile, args.pgp_engine)
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -1253,8 +1261,9 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
     say(f"{cores()} usable CPUs ({platform.machine()}), load average "
         f"{os.getloadavg()[0]:.2f} at start; the load generator, the partner and the gateway "
         "share them")
+    engine = f", pgp.engine: {opts.pgp_engine}" if opts.pgp_engine else ""
     say(f"concurrency {opts.concurrency}, {opts.seconds:g} s of load per case in {opts.slices} "
-        f"slices, workers: {opts.workers}, log level {opts.log_level}")
+        f"slices, workers: {opts.workers}{engine}, log level {opts.log_level}")
     say("")
     stop = threading.Event()
     results: list[CaseResult] = []
