@@ -1,0 +1,652 @@
+"""Hostile and broken input for the native PGP engine: each yields its specific error (the
+gnupg engine's), never plaintext, never a crash; bombs and floods cost little."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import openpgp
+from gateway.envelope import Opened
+from gateway.errors import (
+    AlgorithmError,
+    ConfigError,
+    DecryptError,
+    EnvelopeError,
+    MalformedError,
+    SignatureError,
+    TooLargeError,
+    UnknownKeyError,
+)
+from gateway.keys import Key
+from gateway.openpgp import NativePgpEnvelope, load_native_keyset
+from tests.pgp_fixtures import GpgPeer, PgpKeys, b64url, unb64url
+from tests.test_openpgp import (  # noqa: F401
+    Craft,
+    craft,
+    native_envelope,
+    native_keyset,
+    partial,
+)
+
+SECRET = b'{"cardNumber": "4111111111111111"}'
+MakeNative = Callable[..., NativePgpEnvelope]
+
+
+@pytest.fixture(scope="module")
+def partner(native_envelope: MakeNative) -> NativePgpEnvelope:  # noqa: F811
+    """partner-a (active) and partner-b (disabled) are its own keys; google-a (active), google-b
+    (disabled) and google-expired (active, expired) the peer's."""
+    return native_envelope(
+        [("partner-a", "sec", "active"), ("partner-b", "sec", "disabled")],
+        [("google-a", "pub", "active"), ("google-b", "pub", "disabled"),
+         ("google-expired", "pub", "active")],
+    )
+
+
+@pytest.fixture(scope="module")
+def good(gpg_peer: GpgPeer) -> bytes:
+    return gpg_peer.seal(SECRET, ["google-a"], ["partner-a"])
+
+
+def refused(partner: NativePgpEnvelope, body: bytes, error: type[EnvelopeError]
+            ) -> EnvelopeError:
+    with pytest.raises(EnvelopeError) as caught:
+        partner.open(body)
+    assert type(caught.value) is error, repr(caught.value)
+    assert b"4111" not in str(caught.value).encode()
+    return caught.value
+
+
+def test_the_good_message_opens(partner: NativePgpEnvelope, good: bytes) -> None:
+    assert partner.open(good) == Opened(SECRET, ("partner-a",), ("google-a",))
+
+
+def flip(body: bytes, position: int) -> bytes:
+    raw = bytearray(unb64url(body))
+    raw[position] ^= 0x01
+    return b64url(bytes(raw))
+
+
+# Everything tests/test_pgp_adversarial.py asks of the gnupg engine.
+
+
+@pytest.mark.parametrize("where", [-1, -10, -40, -100])
+def test_tampered_ciphertext(partner: NativePgpEnvelope, good: bytes, where: int) -> None:
+    refused(partner, flip(good, where), DecryptError)
+
+
+def test_tampered_recipient_key_id(partner: NativePgpEnvelope, good: bytes) -> None:
+    refused(partner, flip(good, 5), UnknownKeyError)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_truncated(partner: NativePgpEnvelope, good: bytes, keep: float) -> None:
+    raw = unb64url(good)
+    refused(partner, b64url(raw[: int(len(raw) * keep)]), DecryptError)
+
+
+def test_truncated_base64(partner: NativePgpEnvelope, good: bytes) -> None:
+    cut = len(good) - 1
+    while cut % 4 != 1:
+        cut -= 1
+    refused(partner, good[:cut], MalformedError)
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"   \n", b"not base64!", b"QUJD=D", b"A", b"AAAA=", b"QQ=", SECRET,
+    b64url(b"plain bytes, no OpenPGP"), b64url(b"-----BEGIN PGP MESSAGE-----\n\nxx\n"),
+    b64url(b"-----BEGIN PGP MESSAGE-----\n\nxx\n-----END PGP MESSAGE-----\n"),
+    b64url(b"-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n"),
+])
+def test_not_base64url_or_not_openpgp(partner: NativePgpEnvelope, body: bytes) -> None:
+    refused(partner, body, MalformedError)
+
+
+def test_padding_and_whitespace_are_tolerated(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer
+) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], padded=True)
+    assert partner.open(b"\r\n  " + body + b"\n\n").plaintext == SECRET
+    assert partner.open(body.rstrip(b"=")).plaintext == SECRET
+
+
+def test_encrypted_to_someone_else(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    error = refused(partner, gpg_peer.seal(SECRET, ["google-a"], ["stranger"]), UnknownKeyError)
+    assert "recipient key ids" in str(error)
+
+
+def test_a_disabled_own_key_cannot_decrypt(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer
+) -> None:
+    refused(partner, gpg_peer.seal(SECRET, ["google-a"], ["partner-b"]), UnknownKeyError)
+
+
+def test_hidden_recipient_that_is_not_us(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["stranger"], extra_args=["--throw-keyids"])
+    refused(partner, body, UnknownKeyError)
+
+
+def test_unsigned(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    error = refused(partner, gpg_peer.seal(SECRET, [], ["partner-a"]), SignatureError)
+    assert error.layer == "signature"
+
+
+@pytest.mark.parametrize("signer", ["stranger", "google-b", "partner-a"])
+def test_signed_only_by_a_key_not_enabled_in_the_peer_keyset(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer, signer: str
+) -> None:
+    refused(partner, gpg_peer.seal(SECRET, [signer], ["partner-a"]), SignatureError)
+
+
+def test_signed_by_an_expired_peer_key(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer, pgp_keys: PgpKeys
+) -> None:
+    body = gpg_peer.seal(SECRET, ["google-expired"], ["partner-a"],
+                         at=pgp_keys.expired_key_valid_at)
+    refused(partner, body, SignatureError)
+
+
+@pytest.mark.parametrize(("digest", "extra"), [
+    ("SHA1", ()), ("MD5", ("--allow-weak-digest-algos",)), ("SHA224", ()),
+])
+def test_refused_signature_hashes(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer, digest: str, extra: tuple[str, ...]
+) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], digest=digest, extra_args=extra)
+    error = refused(partner, body, AlgorithmError)
+    assert error.layer == "signature" and digest in str(error)
+
+
+def test_a_weak_hash_beside_a_good_signature_is_fine(
+    partner: NativePgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    inner = craft.sig("google-a", SECRET, hash_id=2) + craft.sig("google-a", SECRET) + \
+        craft.literal(SECRET)
+    assert partner.open(b64url(craft.encrypt(inner))).verified_by == ("google-a",)
+
+
+@pytest.mark.parametrize("cipher", ["CAST5", "3DES", "TWOFISH"])
+def test_refused_ciphers(partner: NativePgpEnvelope, gpg_peer: GpgPeer, cipher: str) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], cipher=cipher)
+    assert refused(partner, body, AlgorithmError).layer == "encryption"
+
+
+def test_no_integrity_protection(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], extra_args=["--rfc2440"])
+    refused(partner, body, DecryptError)
+
+
+@pytest.mark.parametrize("armor", [False, True])
+def test_signed_but_not_encrypted(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer, armor: bool
+) -> None:
+    refused(partner, gpg_peer.seal(SECRET, ["google-a"], [], armor=armor), MalformedError)
+
+
+def test_clearsigned(partner: NativePgpEnvelope, gpg_peer: GpgPeer, pgp_keys: PgpKeys) -> None:
+    signed = gpg_peer.gpg("--clearsign", "--local-user", pgp_keys.fingerprint("google-a"),
+                          stdin=SECRET).stdout
+    refused(partner, b64url(signed), MalformedError)
+
+
+def test_literal_only(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    refused(partner, gpg_peer.seal(SECRET), MalformedError)
+
+
+@pytest.mark.parametrize("signers", [[], ["google-a"]])
+def test_symmetrically_encrypted(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer, signers: list[str]
+) -> None:
+    refused(partner, gpg_peer.seal(SECRET, signers, symmetric="guessable"), MalformedError)
+
+
+def test_a_passphrase_beside_our_key(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], symmetric="guessable")
+    refused(partner, body, MalformedError)
+
+
+def test_two_messages_in_one_body(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer, good: bytes
+) -> None:
+    other = gpg_peer.seal(b'{"other": 1}', ["google-a"], ["partner-a"])
+    refused(partner, b64url(unb64url(good) + unb64url(other)), MalformedError)
+
+
+def _bogus_session_keys(good: bytes, count: int) -> bytes:
+    raw = unb64url(good)
+    assert raw[0] == 0x85  # old-format header, tag 1, two length octets
+    packet = bytearray(raw[: 3 + int.from_bytes(raw[1:3], "big")])
+    packet[-5] ^= 0xFF
+    return b64url(bytes(packet) * count + raw)
+
+
+def test_a_few_session_keys_that_fail_are_tried(partner: NativePgpEnvelope, good: bytes) -> None:
+    assert partner.open(_bogus_session_keys(good, 3)).plaintext == SECRET
+
+
+def test_a_flood_of_session_keys_is_refused_at_once(
+    partner: NativePgpEnvelope, good: bytes
+) -> None:
+    body = _bogus_session_keys(good, 1000)
+    started = time.monotonic()
+    refused(partner, body, MalformedError)
+    assert time.monotonic() - started < 0.2
+
+
+def test_hidden_recipients_and_armor_headers(
+    partner: NativePgpEnvelope, gpg_peer: GpgPeer
+) -> None:
+    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], armor=True,
+                         extra_args=["--throw-keyids", "--comment", "made: by gpg"])
+    assert partner.open(body).decrypted_by == ("partner-a",)
+
+
+def test_armor_with_a_wrong_checksum(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
+    text = unb64url(gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], armor=True))
+    lines = text.split(b"\n")
+    checksum = next(i for i, line in enumerate(lines) if line.startswith(b"=") and
+                    len(line) == 5)
+    lines[checksum] = b"=AAAA" if lines[checksum] != b"=AAAA" else b"=AAAB"
+    refused(partner, b64url(b"\n".join(lines)), MalformedError)
+
+
+# Compression bombs: refused quickly, with the memory the cap allows and no more.
+
+
+def _bomb_message(craft: Craft, algo: int, size: int, depth: int = 1) -> bytes:  # noqa: F811
+    inner = craft.signed(bytes(size), ["google-a"])
+    for _ in range(depth):
+        inner = craft.compressed(algo, inner)
+    return b64url(craft.encrypt(inner))
+
+
+@pytest.mark.parametrize(("algo", "depth"), [(1, 1), (2, 1), (3, 1), (2, 2)])
+def test_compression_bombs(
+    native_envelope: MakeNative, craft: Craft, algo: int, depth: int  # noqa: F811
+) -> None:
+    partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")],
+                              limit=100_000)
+    body = _bomb_message(craft, algo, 30_000_000, depth)
+    assert len(body) < 200_000
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        refused(partner, body, TooLargeError)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0
+    assert peak < 4_000_000  # the body, the decrypted data, the capped output: not 30 MB
+
+
+def test_a_bomb_from_gpg(native_envelope: MakeNative, gpg_peer: GpgPeer) -> None:  # noqa: F811
+    partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    body = gpg_peer.seal(bytes(20_000_000), ["google-a"], ["partner-a"], compress="zlib",
+                         extra_args=["-z", "9"])
+    started = time.monotonic()
+    refused(partner, body, TooLargeError)
+    assert time.monotonic() - started < 1.0
+
+
+def test_compression_nested_too_deep(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
+    inner = craft.signed(SECRET, ["google-a"])
+    for _ in range(openpgp.MAX_NESTING):
+        inner = craft.compressed(2, inner)
+    assert partner.open(b64url(craft.encrypt(inner))).plaintext == SECRET
+    refused(partner, b64url(craft.encrypt(craft.compressed(0, inner))), MalformedError)
+
+
+@pytest.mark.parametrize(("name", "data", "error"), [
+    ("not deflate", b"\x01\xff\xff\xff\xff", DecryptError),
+    ("bad zlib header", b"\x02\x78\x9d" + zlib.compress(b"x")[2:], DecryptError),
+    ("truncated deflate", b"\x01" + zlib.compress(bytes(range(256)) * 8)[2:40], DecryptError),
+    ("not bzip2", b"\x03BZh9xxxx", DecryptError),
+    ("unknown algorithm", b"\x07abc", MalformedError),
+    ("empty", b"", MalformedError),
+])
+def test_broken_compressed_data(
+    partner: NativePgpEnvelope, craft: Craft, name: str, data: bytes,  # noqa: F811
+    error: type[EnvelopeError],
+) -> None:
+    refused(partner, b64url(craft.encrypt(openpgp._packet(8, data))), error)
+
+
+def test_just_over_the_limit_uncompressed(
+    native_envelope: MakeNative, gpg_peer: GpgPeer  # noqa: F811
+) -> None:
+    partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")],
+                              limit=5000)
+    assert partner.open(gpg_peer.seal(b"y" * 5000, ["google-a"], ["partner-a"])).plaintext
+    refused(partner, gpg_peer.seal(b"y" * 5001, ["google-a"], ["partner-a"], compress="none"),
+            TooLargeError)
+
+
+# Packets: truncated, bad lengths, partial lengths, huge declared lengths, bad MPIs.
+
+
+def test_every_truncation_is_refused(partner: NativePgpEnvelope, good: bytes) -> None:
+    raw = unb64url(good)
+    pkesk_end = 3 + int.from_bytes(raw[1:3], "big")
+    for cut in range(1, len(raw), 7):
+        expected = MalformedError if cut <= pkesk_end + 1 else DecryptError
+        refused(partner, b64url(raw[:cut]), expected)
+
+
+def _body(packet: bytes) -> bytes:
+    return openpgp._next_packet(openpgp._Cursor(packet)).body
+
+
+def test_partial_and_indeterminate_lengths_are_read(
+    partner: NativePgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    """As gpg writes a stream: partial chunks, and an old-format compressed packet of
+    indeterminate length."""
+    key = os.urandom(32)
+    literal = _body(craft.literal(SECRET * 40))
+    signed = craft.ops("google-a") + partial(11, literal, 5) + craft.sig("google-a", SECRET * 40)
+    compressed = b"\xa3\x02" + zlib.compress(signed)  # old format, tag 8, to the end
+    for inner in (signed, compressed):
+        body = craft.pkesk("partner-a", key) + partial(18, _body(craft.seipd(key, inner)), 6)
+        assert partner.open(b64url(body)).plaintext == SECRET * 40
+
+
+@pytest.mark.parametrize(("name", "mangle", "error"), [
+    ("partial length on a session-key packet",
+     lambda pk, data: partial(1, pk[3:], 4) + data, MalformedError),
+    ("session-key length past the end",
+     lambda pk, data: b"\xc1\xff\xff\xff\xff\xff" + pk[3:] + data, MalformedError),
+    ("encrypted data declared 4 GiB long",
+     lambda pk, data: pk + b"\xd2\xff\xff\xff\xff\xff" + data[6:], DecryptError),
+    ("encrypted data with a partial chunk and nothing after",
+     lambda pk, data: pk + b"\xd2\xef" + data[6:6 + 32768], DecryptError),
+    ("a header octet without its high bit", lambda pk, data: pk + b"\x4b" + data,
+     MalformedError),
+    ("reserved packet tag 0", lambda pk, data: b"\xc0\x01\x00" + pk + data, MalformedError),
+    ("marker packet first", lambda pk, data: b"\xca\x03PGP" + pk + data, MalformedError),
+    ("session-key packet of version 6", lambda pk, data: pk[:3] + b"\x06" + pk[4:] + data,
+     MalformedError),
+    ("zero-length session-key packet", lambda pk, data: b"\xc1\x00" + pk + data, MalformedError),
+])
+def test_bad_packet_lengths(
+    partner: NativePgpEnvelope, craft: Craft, name: str,  # noqa: F811
+    mangle: Callable[[bytes, bytes], bytes], error: type[EnvelopeError],
+) -> None:
+    key = os.urandom(32)
+    pk = craft.pkesk("partner-a", key)
+    data = craft.seipd(key, craft.signed(SECRET * 2000, ["google-a"]))
+    assert pk[:3] == b"\xc1\xc0\x4c" and data[:2] == b"\xd2\xff"  # 2048-bit: 268 bytes
+    refused(partner, b64url(mangle(pk, data)), error)
+
+
+def _pkesk(keyid: bytes, mpi: bytes, algo: int = 1) -> bytes:
+    return openpgp._packet(1, b"\x03" + keyid + bytes([algo]) + mpi)
+
+
+@pytest.mark.parametrize(("name", "mpi", "error"), [
+    ("value over the modulus", b"\x08\x00" + b"\xff" * 256, DecryptError),
+    ("longer than the modulus", b"\x09\x00" + b"\x01" * 288, DecryptError),
+    ("zero", b"\x00\x00", DecryptError),
+    ("bit count past the packet", b"\x08\x00" + b"\x01" * 10, MalformedError),
+    ("bytes after the MPI", b"\x00\x08\x01junk", MalformedError),
+    ("tiny", b"\x00\x08\x01", DecryptError),
+])
+def test_bad_mpis(
+    partner: NativePgpEnvelope, craft: Craft, name: str, mpi: bytes,  # noqa: F811
+    error: type[EnvelopeError],
+) -> None:
+    key = os.urandom(32)
+    data = craft.seipd(key, craft.signed(SECRET, ["google-a"]))
+    refused(partner, b64url(_pkesk(craft.part("partner-a", "encrypt").keyid, mpi) + data), error)
+
+
+def test_a_non_rsa_session_key_naming_our_key(
+    partner: NativePgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    key = os.urandom(32)
+    data = craft.seipd(key, craft.signed(SECRET, ["google-a"]))
+    keyid = craft.part("partner-a", "encrypt").keyid
+    refused(partner, b64url(_pkesk(keyid, b"\x00\x08\x01\x00\x08\x01", 16) + data),
+            MalformedError)
+
+
+def test_leading_zeros_in_the_session_key_mpi_are_fine(
+    partner: NativePgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    key = os.urandom(32)
+    part = craft.part("partner-a", "encrypt")
+    wrapped = part.public.encrypt(b"\x09" + key + (sum(key) & 0xFFFF).to_bytes(2, "big"),
+                                  padding.PKCS1v15())
+    mpi = (len(wrapped) * 8 + 8).to_bytes(2, "big") + b"\x00" + wrapped
+    body = _pkesk(part.keyid, mpi) + craft.seipd(key, craft.signed(SECRET, ["google-a"]))
+    assert partner.open(b64url(body)).plaintext == SECRET
+
+
+# Decryption is no oracle.
+
+
+def test_this_builds_rsa_uses_implicit_rejection() -> None:
+    """PKCS#1 v1.5 decryption of a bad padding returns a pseudo-random message (the same for the
+    same ciphertext) instead of raising: the engine relies on it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    bad = bytearray(key.public_key().encrypt(b"x" * 35, padding.PKCS1v15()))
+    bad[10] ^= 0x01
+    first = key.decrypt(bytes(bad), padding.PKCS1v15())
+    assert first == key.decrypt(bytes(bad), padding.PKCS1v15())
+    assert first != b"x" * 35
+
+
+def test_bad_session_keys_bad_mdcs_and_bad_structure_look_the_same(
+    partner: NativePgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    part = craft.part("partner-a", "encrypt")
+    inner = craft.signed(SECRET, ["google-a"])
+    key = os.urandom(32)
+    good_pk = craft.pkesk("partner-a", key)
+    seipd = craft.seipd(key, inner)
+
+    def wrapped(message: bytes) -> bytes:
+        return _pkesk(part.keyid, openpgp._mpi(part.public.encrypt(message, padding.PKCS1v15())))
+
+    def structure(tail: bytes) -> bytes:  # a SEIPD whose MDC packet is not where it must be
+        prefix = os.urandom(16)
+        clear = prefix + prefix[-2:] + inner + tail
+        clear += hashlib.sha1(clear).digest()
+        encryptor = openpgp.Cipher(openpgp.algorithms.AES(key), openpgp.CFB(bytes(16))
+                                   ).encryptor()
+        return openpgp._packet(18, b"\x01" + encryptor.update(clear) + encryptor.finalize())
+
+    damaged_pk = bytearray(good_pk)
+    damaged_pk[40] ^= 0x01
+    damaged_data = bytearray(seipd)
+    damaged_data[100] ^= 0x01
+    cases = {
+        "RSA padding broken": bytes(damaged_pk) + seipd,
+        "session key checksum wrong": wrapped(b"\x09" + key + b"\x00\x00") + seipd,
+        "session key too short": wrapped(b"\x09" + key[:16] + (sum(key[:16]) & 0xFFFF)
+                                         .to_bytes(2, "big")) + seipd,
+        "another session key": wrapped(b"\x09" + bytes(32) + b"\x00\x00") + seipd,
+        "ciphertext altered": good_pk + bytes(damaged_data),
+        "MDC packet header wrong": good_pk + structure(b"\xd3\x15"),
+        "MDC packet missing": good_pk + structure(b""),
+        "encrypted data too short": good_pk + openpgp._packet(18, b"\x01" + os.urandom(30)),
+        "encrypted data cut short": good_pk + seipd[:-50],
+    }
+    messages = {str(refused(partner, b64url(body), DecryptError)) for body in cases.values()}
+    assert len(messages) == 1, messages
+
+
+# Signatures.
+
+
+def test_a_bad_signature_by_a_peer_key(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
+    """Protocol.md: a bad signature is a signature failure (401). The gnupg engine answers
+    DecryptError here, because gpg withholds DECRYPTION_OKAY after a BADSIG."""
+    inner = craft.ops("google-a") + craft.literal(SECRET) + craft.sig("google-a", SECRET,
+                                                                      damage=True)
+    error = refused(partner, b64url(craft.encrypt(inner)), SignatureError)
+    assert error.layer == "signature"
+
+
+def test_a_signature_over_other_data(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
+    inner = craft.ops("google-a") + craft.literal(SECRET) + craft.sig("google-a", b"other")
+    refused(partner, b64url(craft.encrypt(inner)), SignatureError)
+
+
+@pytest.mark.parametrize(("name", "created"), [("before the key", 1000)])
+def test_signature_times(partner: NativePgpEnvelope, craft: Craft, name: str,  # noqa: F811
+                         created: int) -> None:
+    inner = craft.ops("google-a") + craft.literal(SECRET) + craft.sig("google-a", SECRET,
+                                                                      created=created)
+    refused(partner, b64url(craft.encrypt(inner)), SignatureError)
+
+
+@pytest.mark.parametrize("shape", [
+    "one-pass without signature", "signature without one-pass", "two one-pass, one signature",
+    "one-pass hash differs from the signature's",
+])
+def test_signature_packets_that_do_not_pair(
+    partner: NativePgpEnvelope, craft: Craft, shape: str  # noqa: F811
+) -> None:
+    lit, sig, ops = craft.literal(SECRET), craft.sig("google-a", SECRET), craft.ops("google-a")
+    inner = {
+        "one-pass without signature": ops + lit,
+        "signature without one-pass": lit + sig,
+        "two one-pass, one signature": craft.ops("stranger", last=False) + ops + lit + sig,
+        "one-pass hash differs from the signature's": craft.ops("google-a", hash_id=8) + lit +
+        sig,
+    }[shape]
+    refused(partner, b64url(craft.encrypt(inner)), SignatureError)
+
+
+def test_too_many_signatures(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
+    sig = craft.sig("stranger", SECRET)
+    inner = sig * openpgp.MAX_SIGNATURES + craft.sig("google-a", SECRET) + craft.literal(SECRET)
+    assert partner.open(b64url(craft.encrypt(inner))).verified_by == ("google-a",)
+    inner = sig * (2 * openpgp.MAX_SIGNATURES + 2) + craft.literal(SECRET)
+    refused(partner, b64url(craft.encrypt(inner)), MalformedError)
+
+
+@pytest.mark.parametrize(("name", "inner", "error"), [
+    ("no literal", lambda c: c.sig("google-a", SECRET), MalformedError),
+    ("two literals", lambda c: c.literal(SECRET) + c.literal(SECRET), DecryptError),
+    ("nested encryption", lambda c: c.encrypt(c.signed(SECRET, ["google-a"])), MalformedError),
+    ("a key packet inside", lambda c: openpgp._packet(6, b"\x04") + c.signed(SECRET,
+                                                                            ["google-a"]),
+     MalformedError),
+    ("literal format 'x'", lambda c: c.signed(SECRET, ["google-a"], mode=b"x"), MalformedError),
+    ("broken literal", lambda c: openpgp._packet(11, b"b\x09ab"), MalformedError),
+    ("garbage", lambda c: b"garbage" * 10, MalformedError),
+])
+def test_odd_contents(partner: NativePgpEnvelope, craft: Craft, name: str,  # noqa: F811
+                      inner: Callable[[Craft], bytes], error: type[EnvelopeError]) -> None:
+    refused(partner, b64url(craft.encrypt(inner(craft))), error)
+
+
+# Secret keys: S2K variants open with the right passphrase only.
+
+
+def _reprotect(packet: openpgp._Packet, passphrase: bytes, usage: int, s2k: bytes,
+               cipher: int) -> bytes:
+    """`packet` (an unprotected secret key packet) protected again with the given S2K."""
+    key = openpgp._parse_key_packet(packet)
+    clear = key.secret[1:-2]  # the MPIs, without usage octet and checksum
+    kind, hash_id = s2k[0], s2k[1]
+    salt = s2k[2:10]
+    count = (16 + (s2k[10] & 15)) << ((s2k[10] >> 4) + 6) if kind == 3 else 0
+    size = openpgp.ACCEPTED_CIPHERS[cipher]
+    derived = openpgp._s2k_key((kind, hash_id, salt, count), passphrase, size)
+    check = hashlib.sha1(clear).digest() if usage == 254 else \
+        (sum(clear) & 0xFFFF).to_bytes(2, "big")
+    iv = os.urandom(16)
+    encryptor = openpgp.Cipher(openpgp.algorithms.AES(derived), openpgp.CFB(iv)).encryptor()
+    secret = encryptor.update(clear + check) + encryptor.finalize()
+    return openpgp._packet(packet.tag, key.body + bytes([usage, cipher]) + s2k + iv + secret)
+
+
+@pytest.mark.parametrize(("usage", "s2k", "cipher"), [
+    (254, b"\x03\x02" + b"saltsalt" + b"\x60", 7),  # gpg's export: iterated SHA-1, AES-128
+    (254, b"\x03\x08" + b"saltsalt" + b"\xff", 9),  # OpenPGP.js: iterated SHA-256, AES-256
+    (254, b"\x03\x0a" + b"saltsalt" + b"\x10", 8),  # iterated SHA-512, AES-192
+    (254, b"\x01\x08" + b"saltsalt", 9),  # salted
+    (254, b"\x00\x08", 9),  # simple
+    (255, b"\x03\x08" + b"saltsalt" + b"\x20", 9),  # a 16-bit checksum instead of SHA-1
+])
+def test_s2k_variants(
+    pgp_keys: PgpKeys, runtime_dir: Path, usage: int, s2k: bytes, cipher: int
+) -> None:
+    packets = openpgp._key_packets(pgp_keys.sec("partner-a").read_bytes())
+    out = [_reprotect(p, "pässword".encode(), usage, s2k, cipher) if p.tag in (5, 7)
+           else openpgp._packet(p.tag, p.body) for p in packets]
+    path = runtime_dir / "reprotected.gpg"
+    path.write_bytes(b"".join(out))
+    config = pgp_keys.keyset_config("own", [("partner-a", "sec", "active")])
+
+    def load(passphrase: str | None) -> list[Key]:
+        key = dataclasses.replace(config.keys[0], file=path, passphrase=passphrase)
+        return list(load_native_keyset(dataclasses.replace(config, keys=(key,))).keys)
+
+    (key,) = load("pässword")
+    assert key.private and key.can_sign and key.can_encrypt
+    if usage == 254:  # a 16-bit checksum lets one wrong passphrase in 65536 through
+        with pytest.raises(ConfigError, match="the passphrase does not open"):
+            load("password")
+    with pytest.raises(ConfigError, match="passphrase-protected"):
+        load(None)
+
+
+def test_a_secret_key_protected_outside_the_profile(pgp_keys: PgpKeys, runtime_dir: Path) -> None:
+    packets = openpgp._key_packets(pgp_keys.sec("partner-a").read_bytes())
+    key = openpgp._parse_key_packet(next(p for p in packets if p.tag == 5))
+    cast5 = openpgp._packet(5, key.body + b"\xfe\x03\x03\x02saltsalt\x60" + bytes(40))
+    path = runtime_dir / "cast5.gpg"
+    path.write_bytes(cast5 + b"".join(openpgp._packet(p.tag, p.body) for p in packets[1:]))
+    config = pgp_keys.keyset_config("own", [("partner-a", "sec", "active")])
+    replaced = dataclasses.replace(config.keys[0], file=path)
+    with pytest.raises(ConfigError, match="cipher 3 is outside the profile"):
+        load_native_keyset(dataclasses.replace(config, keys=(replaced,)))
+
+
+# Arbitrary input: only the envelope's own errors come out.
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@SETTINGS
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes(partner: NativePgpEnvelope, body: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        partner.open(body)
+
+
+@SETTINGS
+@given(st.binary(min_size=1, max_size=400))
+def test_arbitrary_base64url(partner: NativePgpEnvelope, raw: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        partner.open(base64.urlsafe_b64encode(raw))
+
+
+@SETTINGS
+@given(st.data())
+def test_mutated_messages(partner: NativePgpEnvelope, good: bytes, data: st.DataObject) -> None:
+    raw = bytearray(unb64url(good))
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(0, len(raw) - 1))
+        raw[position] = data.draw(st.integers(0, 255))
+    try:
+        opened = partner.open(b64url(bytes(raw)))
+    except EnvelopeError:
+        return
+    assert opened.plaintext == SECRET
