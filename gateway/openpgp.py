@@ -140,6 +140,8 @@ class _Packet:
     tag: int
     body: bytes
     cut: bool = False  # encrypted data that ended before its declared length
+    trailing: bool = False  # encrypted data followed by more data
+    chunked: bool = False  # sent in partial-length chunks
 
 
 def _length(cur: _Cursor) -> tuple[int, bool]:
@@ -175,6 +177,7 @@ def _next_packet(cur: _Cursor, *, clip: bool = False) -> _Packet:
 
     if first & 0x40:
         length, partial = _length(cur)
+        chunked = partial
         chunks = [take(length)]
         if partial and tag not in _STREAMABLE:
             raise _Invalid(f"packet type {tag} may not have partial lengths")
@@ -184,7 +187,7 @@ def _next_packet(cur: _Cursor, *, clip: bool = False) -> _Packet:
                 break
             length, partial = _length(cur)
             chunks.append(take(length))
-        return _Packet(tag, b"".join(chunks), cut)
+        return _Packet(tag, b"".join(chunks), cut, chunked=chunked)
     kind = first & 0x03
     if kind == 3:  # indeterminate: to the end of the data
         if tag not in _STREAMABLE:
@@ -945,7 +948,9 @@ def _outer(message: bytes) -> tuple[list[_SessionKeyPacket], _Packet]:
         if not count or packet.tag not in (_SED, _SEIPD, _AEAD):
             raise MalformedError("not an encrypted OpenPGP message")
         if not cur.done:
-            raise MalformedError("data after the encrypted message")
+            # Refused once the recipients are known (an integrity failure, as gpg answers when
+            # the encrypted packet's length was shortened): nothing outside the MDC is read.
+            packet = _Packet(packet.tag, packet.body, trailing=True)
     except _Invalid as exc:
         raise MalformedError(f"not a well-formed OpenPGP message: {exc}") from None
     return found, packet
@@ -1197,6 +1202,10 @@ class NativePgpEnvelope:
     def _decrypt(
         self, session_keys: list[_SessionKeyPacket], encrypted: _Packet
     ) -> tuple[tuple[str, ...], bytes]:
+        if encrypted.cut and encrypted.chunked:
+            # gpg reads a chunked packet to its end before it looks at the recipients: cut
+            # short, it is a decryption failure whoever it was for. Same verdict here.
+            raise DecryptError("the encrypted data ends before its last chunk")
         parts = [(k, p) for k in self.own.decryptors() for p in k.material.parts
                  if p.can_encrypt and p.private is not None]
         # A key id of zeros hides the recipient (gpg --throw-keyids): try every own key on it.
@@ -1214,6 +1223,8 @@ class NativePgpEnvelope:
                 f"the message is encrypted to no enabled own key (recipient key ids: {ids})")
         if len(tries) > MAX_RSA_DECRYPTIONS:
             raise MalformedError(f"more than {MAX_RSA_DECRYPTIONS} session keys to try")
+        if encrypted.trailing:
+            raise DecryptError("data after the encrypted message")
         if encrypted.tag == _SED:
             raise DecryptError("the message has no integrity protection")
         if encrypted.tag == _AEAD or encrypted.body[:1] != b"\x01":
