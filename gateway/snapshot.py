@@ -19,6 +19,7 @@ from gateway.envelope import Envelope, EnvelopePool
 from gateway.errors import ConfigError
 from gateway.jose import JoseEnvelope, load_jose_keyset
 from gateway.keys import Keyset, check_route_keysets
+from gateway.openpgp import NativePgpEnvelope, load_native_keyset
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
 from gateway.tls import build_client_context, build_server_context
 
@@ -53,16 +54,24 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
     is a bottleneck); `slots` 0 validates everything but builds no envelope. Raises
     ConfigError naming the place; on failure nothing is left behind."""
     keysets: dict[str, Keyset] = {}
+    native: dict[str, Keyset] = {}  # pgp keysets as the native engine parsed them
     routes: dict[str, RouteRuntime] = {}
     scratch = workdir / f"s{generation}"
+    native_only = _native_only_keysets(config)
     try:
         for name, keyset_config in config.keysets.items():
-            if keyset_config.type == "pgp":
-                keysets[name] = load_pgp_keyset(keyset_config, scratch)
-            else:
+            if keyset_config.type == "jose":
                 keysets[name] = load_jose_keyset(keyset_config)
+                continue
+            if any(r.scheme == "pgp" and r.pgp.engine == "native" and name in
+                   (r.own_keys, r.peer_keys) for r in config.routes):
+                native[name] = load_native_keyset(keyset_config)
+            keysets[name] = native[name] if name in native_only else load_pgp_keyset(
+                keyset_config, scratch)
         for index, route in enumerate(config.routes):
-            own, peer = keysets[route.own_keys], keysets[route.peer_keys]
+            engine_keysets = native if route.scheme == "pgp" and \
+                route.pgp.engine == "native" else keysets
+            own, peer = engine_keysets[route.own_keys], engine_keysets[route.peer_keys]
             check_route_keysets(own, peer, config.keysets[route.own_keys],
                                 config.keysets[route.peer_keys])
             server_ssl = (
@@ -72,7 +81,10 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
             if slots == 0:
                 continue  # validation only (a supervisor): no envelopes, no GnuPG homes
             envelope: Envelope
-            if route.scheme == "pgp":
+            if route.scheme == "pgp" and route.pgp.engine == "native":
+                envelope = NativePgpEnvelope(
+                    own, peer, route.pgp, max_plaintext_bytes=config.limits.max_body_bytes)
+            elif route.scheme == "pgp":
                 homes: list[Envelope] = []
                 try:
                     for slot in range(slots):
@@ -97,6 +109,16 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Snapshot(config=config, generation=generation, keysets=keysets, routes=routes)
+
+
+def _native_only_keysets(config: Config) -> set[str]:
+    """PGP keysets that only native-engine routes use: GnuPG need not load them."""
+    users: dict[str, set[str]] = {}
+    for route in config.routes:
+        if route.scheme == "pgp":
+            for name in (route.own_keys, route.peer_keys):
+                users.setdefault(name, set()).add(route.pgp.engine)
+    return {name for name, engines in users.items() if engines == {"native"}}
 
 
 class Current:

@@ -132,6 +132,7 @@ class Google(Protocol):
     """The stand-in Google's crypto, done by an implementation that is not ours."""
 
     scheme: str
+    route_block: str  # YAML added to each route (e.g. the PGP engine)
 
     def keysets(self, *, expiring_recipient: datetime | None = None) -> str: ...
 
@@ -150,6 +151,7 @@ class JoseGoogle:
     """panva's jose as Google: signs with google-sig-a, encrypts to partner-enc-a."""
 
     scheme = "jose"
+    route_block = ""
 
     def __init__(self, keys: JoseKeys, node: NodeJose) -> None:
         self.keys = keys
@@ -198,9 +200,10 @@ class PgpGoogle:
 
     scheme = "pgp"
 
-    def __init__(self, keys: PgpKeys, peer: GpgPeer) -> None:
+    def __init__(self, keys: PgpKeys, peer: GpgPeer, engine: str = "gnupg") -> None:
         self.keys = keys
         self.peer = peer
+        self.route_block = f"\n            pgp: {{engine: {engine}}}"
 
     def keysets(self, *, expiring_recipient: datetime | None = None) -> str:
         k = self.keys
@@ -250,7 +253,7 @@ def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = ""
             tls: {{cert: {pki.cert}, key: {pki.key}{tls_extra}}}
             upstream: {{url: "{inbound_url}", timeout_s: {timeout_s}}}
             own_keys: partner
-            peer_keys: google""")
+            peer_keys: google{google.route_block}""")
     if outbound_url:
         routes.append(f"""
           - name: out
@@ -258,7 +261,7 @@ def config(google: Google, runtime_dir: Path, pki: Pki, *, inbound_url: str = ""
             listen: "127.0.0.1:0"
             upstream: {{url: "{outbound_url}", timeout_s: {timeout_s}{upstream_extra}}}
             own_keys: partner
-            peer_keys: google""")
+            peer_keys: google{google.route_block}""")
     return f"""
         admin: {{listen: "127.0.0.1:0"}}
         reload: {{interval_s: 0}}

@@ -35,11 +35,12 @@ from tests.peers import ConnectProxy, StandIn, echo_partner, json_answer, slow
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(params=["pgp", "jose"])
+@pytest.fixture(params=["pgp", "pgp-native", "jose"])
 def google(request: pytest.FixtureRequest) -> Google:
-    if request.param == "pgp":
+    if request.param.startswith("pgp"):
+        engine = "native" if request.param == "pgp-native" else "gnupg"
         return PgpGoogle(request.getfixturevalue("pgp_keys"),
-                         request.getfixturevalue("gpg_peer"))
+                         request.getfixturevalue("gpg_peer"), engine)
     return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
 
 

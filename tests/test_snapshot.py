@@ -79,3 +79,32 @@ routes:
     with pytest.raises(ConfigError, match="no active, unexpired key that can be encrypted to"):
         build_snapshot(load_config(path), 1, runtime_dir)
     assert list(runtime_dir.iterdir()) == []
+
+
+def test_the_route_engine_chooses_the_pgp_envelope(pgp_keys: Any, runtime_dir: Path,
+                                                   tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.envelope import EnvelopePool
+    from gateway.openpgp import NativePgpEnvelope
+    from gateway.snapshot import build_snapshot
+
+    path = tmp_path / "config.yaml"
+    route = ('{{name: {n}, direction: inbound, listen: "127.0.0.1:0", own_keys: partner, '
+             'peer_keys: google, upstream: {{url: "http://x"}}, pgp: {{engine: {e}}}}}')
+    path.write_text(f"""
+keysets:
+  partner: {{type: pgp, keys: [{{id: p, file: {pgp_keys.sec('partner-a')}}}]}}
+  google: {{type: pgp, keys: [{{id: g, file: {pgp_keys.pub('google-a')}}}]}}
+routes:
+  - {route.format(n="native", e="native")}
+  - {route.format(n="gnupg", e="gnupg")}
+""")
+    snapshot = build_snapshot(load_config(path), 1, runtime_dir, slots=2)
+    try:
+        assert isinstance(snapshot.routes["native"].envelope, NativePgpEnvelope)
+        pool = snapshot.routes["gnupg"].envelope
+        assert isinstance(pool, EnvelopePool) and len(pool) == 2
+        assert snapshot.keysets["partner"].keys[0].fingerprint == pgp_keys.fingerprint(
+            "partner-a")
+    finally:
+        snapshot.close()
