@@ -609,7 +609,7 @@ class JoseGoogle(Google):
             """
 
     def seal(self, plaintext: bytes) -> bytes:
-        return self.envelope.seal(plaintext).body
+        return bytes(self.envelope.seal(plaintext).body)
 
     def check(self, body: bytes, expected: bytes) -> None:
         try:
@@ -726,7 +726,7 @@ def post(port: int, body: bytes, content_type: str, ca: Path) -> tuple[int, str,
         connection.close()
 
 
-def loop_lag(admin_port: int) -> Counter[float] | None:
+def loop_lag(admin_port: int) -> dict[float, float] | None:
     """Cumulative bucket counts of gateway_event_loop_lag_seconds (None when not exported)."""
     try:
         with contextlib.closing(http.client.HTTPConnection("127.0.0.1", admin_port,
@@ -735,15 +735,16 @@ def loop_lag(admin_port: int) -> Counter[float] | None:
             text = connection.getresponse().read().decode()
     except OSError:
         return None
-    buckets: Counter[float] = Counter()
+    buckets: dict[float, float] = {}
     for match in re.finditer(
             r'^gateway_event_loop_lag_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$',
             text, re.MULTILINE):
-        buckets[float(match[1])] += float(match[2])  # summed over workers, if labelled
+        le = float(match[1])
+        buckets[le] = buckets.get(le, 0.0) + float(match[2])  # summed over workers, if labelled
     return buckets or None
 
 
-def lag_p99_ms(before: Counter[float] | None, after: Counter[float] | None) -> str:
+def lag_p99_ms(before: dict[float, float] | None, after: dict[float, float] | None) -> str:
     if before is None or after is None:
         return "n/a"
     delta = {le: after[le] - before.get(le, 0) for le in after}
@@ -1282,9 +1283,9 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
             sides: list[Google] = []
             for scheme in args.scheme:
                 if scheme == "pgp":
-                    google = PgpGoogle(root, bits, cores())
-                    cleanup.callback(_kill_agents, google.homes)
-                    sides.append(google)
+                    pgp_side = PgpGoogle(root, bits, cores())
+                    cleanup.callback(_kill_agents, pgp_side.homes)
+                    sides.append(pgp_side)
                 else:
                     sides.append(JoseGoogle(rsa_keys))
             for google in sides:
