@@ -7,6 +7,7 @@ material is parsed by the PGP and JOSE modules when a snapshot is built.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import ipaddress
 import os
@@ -200,9 +201,10 @@ class Config:
         return tuple(dict.fromkeys(paths))
 
 
+@functools.cache
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
-    Kubernetes CPU limit), at least 1."""
+    Kubernetes CPU limit), at least 1. Read once per process: it is asked on every request."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
