@@ -181,7 +181,8 @@ def envelope_round_trip(
 
 
 # ---------------------------------------------------------------------------------------------
-# PGP (gateway.pgp, written alongside; its rows run when it imports and gpg is installed)
+# PGP: the gnupg engine (gateway.pgp) and the native engine (gateway.openpgp) on the same keys;
+# their rows run when gpg is installed (it makes the keys) and the engines import.
 
 
 def _gpg(home: Path, *args: str, stdin: bytes = b"") -> bytes:
@@ -214,8 +215,10 @@ def make_pgp_key(directory: Path, name: str, bits: int) -> tuple[Path, Path]:
 
 
 @contextmanager
-def pgp_pair(directory: Path, bits: int) -> Iterator[tuple[Envelope, Envelope]]:
-    """(partner, google) PGP envelopes with fresh RSA-`bits` keys."""
+def pgp_pairs(directory: Path, bits: int) -> Iterator[dict[str, tuple[Envelope, Envelope]]]:
+    """Row name -> (partner, google) PGP envelopes, one pair per engine, on the same fresh
+    RSA-`bits` keys."""
+    from gateway.openpgp import NativePgpEnvelope, load_native_keyset
     from gateway.pgp import PgpEnvelope, load_pgp_keyset
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -239,8 +242,16 @@ def pgp_pair(directory: Path, bits: int) -> Iterator[tuple[Envelope, Envelope]]:
             load_pgp_keyset(keyset("partner", partner_files[1]), scratch),
             PgpOptions(), directory / f"g{bits}", max_plaintext_bytes=MAX_PLAINTEXT,
         )
+        native = (
+            NativePgpEnvelope(load_native_keyset(keyset("partner", partner_files[0])),
+                              load_native_keyset(keyset("google", google_files[1])),
+                              PgpOptions(), max_plaintext_bytes=MAX_PLAINTEXT),
+            NativePgpEnvelope(load_native_keyset(keyset("google", google_files[0])),
+                              load_native_keyset(keyset("partner", partner_files[1])),
+                              PgpOptions(), max_plaintext_bytes=MAX_PLAINTEXT),
+        )
         try:
-            yield partner, google
+            yield {"PGP (gpg)": (partner, google), "PGP (native)": native}
         finally:
             google.close()
     finally:
@@ -251,9 +262,10 @@ def pgp_unavailable() -> str | None:
     if shutil.which("gpg") is None:
         return "gpg is not installed"
     try:
+        import gateway.openpgp
         import gateway.pgp  # noqa: F401
     except ImportError as exc:
-        return f"gateway.pgp does not import ({exc})"
+        return f"gateway.pgp or gateway.openpgp does not import ({exc})"
     return None
 
 
@@ -277,8 +289,8 @@ def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
                            rsa_recipient, alg)
             for alg in ("RS256", "PS256", "ES256")
         }
-        pgp = pgp_pair(directory, bits) if with_pgp else None
-        pgp_envelopes = pgp.__enter__() if pgp is not None else None
+        pgp = pgp_pairs(directory, bits) if with_pgp else None
+        pgp_envelopes = pgp.__enter__() if pgp is not None else {}
         try:
             for size_name, size in SIZES.items():
                 plaintext = os.urandom(size)
@@ -292,9 +304,10 @@ def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
                             "JOSE ES256": "floor ECDSA"}
                 for alg in ("RS256", "PS256", "ES256"):
                     candidates[f"JOSE {alg}"] = envelope_round_trip(*pairs[alg], plaintext)
-                if pgp_envelopes is not None:
-                    candidates["PGP (gpg)"] = envelope_round_trip(*pgp_envelopes, plaintext)
-                    compared["PGP (gpg)"] = "floor PSS"
+                for name, pair in pgp_envelopes.items():
+                    candidates[name] = envelope_round_trip(*pair, plaintext)
+                # The native engine signs with PKCS#1 v1.5, as OpenPGP does: its floor is that one.
+                compared.update({"PGP (gpg)": "floor PSS", "PGP (native)": "floor PKCS1v15"})
                 for name, figures in measure(candidates, seconds).items():
                     add(Result(bits, size_name, name, compared.get(name), *figures))
         finally:

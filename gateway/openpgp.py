@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import math
 import os
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,7 +88,7 @@ _CRITICAL_OK = {2, 3, 4, 5, 6, 7, 9, 11, 12, 16, 21, 22, 23, 25, 26, 27, 30, 32,
 # One answer for a session key that does not decrypt and for data that fails its MDC: no oracle.
 _DECRYPT_FAILED = ("decryption failed: the message was not made for the own key it names, or "
                    "was altered or damaged")
-_B64URL = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/**")
 
 
 class _Invalid(Exception):
@@ -110,14 +109,18 @@ class _Cursor:
         self.pos = pos
 
     def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
+        pos = self.pos
+        if n < 0 or pos + n > len(self.data):
             raise _Invalid("truncated packet")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
+        self.pos = pos + n
+        return self.data[pos:pos + n]
 
     def byte(self) -> int:
-        return self.take(1)[0]
+        pos = self.pos
+        if pos >= len(self.data):
+            raise _Invalid("truncated packet")
+        self.pos = pos + 1
+        return self.data[pos]
 
     def number(self, n: int) -> int:
         return int.from_bytes(self.take(n), "big")
@@ -282,20 +285,22 @@ class _Sub:
 
 
 def _subpackets(data: bytes) -> tuple[_Sub, ...]:
-    cur = _Cursor(data)
     subs: list[_Sub] = []
-    while not cur.done:
-        first = cur.byte()
+    pos, end = 0, len(data)
+    while pos < end:
+        first = data[pos]
         if first < 192:
-            length = first
-        elif first < 255:
-            length = ((first - 192) << 8) + cur.byte() + 192
+            length, pos = first, pos + 1
+        elif first < 255 and pos + 1 < end:
+            length, pos = ((first - 192) << 8) + data[pos + 1] + 192, pos + 2
+        elif first == 255 and pos + 4 < end:
+            length, pos = int.from_bytes(data[pos + 1:pos + 5], "big"), pos + 5
         else:
-            length = cur.number(4)
-        body = cur.take(length)
-        if not body:
-            raise _Invalid("empty signature subpacket")
-        subs.append(_Sub(body[0] & 0x7F, bool(body[0] & 0x80), body[1:]))
+            raise _Invalid("truncated signature subpacket")
+        if not 0 < length <= end - pos:
+            raise _Invalid("a signature subpacket of a wrong length")
+        subs.append(_Sub(data[pos] & 0x7F, bool(data[pos] & 0x80), data[pos + 1:pos + length]))
+        pos += length
     return tuple(subs)
 
 
@@ -878,10 +883,14 @@ def _seipd(key: bytes, inner: bytes) -> bytes:
     """Symmetrically encrypted, integrity protected data (RFC 4880 5.13): AES-CFB with a zero
     IV over a random prefix (its last two octets repeated), the data and the MDC packet."""
     prefix = os.urandom(16)
-    clear = prefix + prefix[-2:] + inner + b"\xd3\x14"
-    clear += hashlib.sha1(clear).digest()  # noqa: S324 - the MDC is SHA-1 by definition
+    prefix += prefix[-2:]
+    mdc = hashlib.sha1(prefix)  # noqa: S324 - the MDC is SHA-1 by definition
+    mdc.update(inner)
+    mdc.update(b"\xd3\x14")
     encryptor = Cipher(algorithms.AES(key), CFB(bytes(16))).encryptor()
-    return _packet(_SEIPD, b"\x01" + encryptor.update(clear) + encryptor.finalize())
+    body = b"".join((b"\x01", encryptor.update(prefix), encryptor.update(inner),
+                     encryptor.update(b"\xd3\x14" + mdc.digest()), encryptor.finalize()))
+    return bytes([0xC0 | _SEIPD]) + _new_length(len(body)) + body
 
 
 def _compress(algo: int, data: bytes) -> bytes:
@@ -892,18 +901,22 @@ def _compress(algo: int, data: bytes) -> bytes:
 
 
 def _b64decode(body: bytes) -> bytes:
-    """base64url, padded or not, surrounding whitespace ignored (the GnuPG engine's rules)."""
+    """base64url, padded or not, surrounding whitespace ignored: the GnuPG engine's rules, in
+    two C passes (the standard alphabet's '+' and '/' become a character strict mode refuses).
+    Raises MalformedError."""
     text = body.strip()
     unpadded = text.rstrip(b"=")
     if (
         not unpadded
-        or not _B64URL.fullmatch(text)
         or len(unpadded) % 4 == 1
+        or len(text) - len(unpadded) > 2
         or (text != unpadded and len(text) % 4)
     ):
         raise MalformedError("the body is not base64url")
     try:
-        return base64.urlsafe_b64decode(unpadded + b"=" * (-len(unpadded) % 4))
+        return binascii.a2b_base64(
+            unpadded.translate(_URLSAFE_TO_STANDARD) + b"=" * (-len(unpadded) % 4),
+            strict_mode=True)
     except (binascii.Error, ValueError):
         raise MalformedError("the body is not base64url") from None
 
@@ -959,13 +972,13 @@ def _outer(message: bytes) -> tuple[list[_SessionKeyPacket], _Packet]:
 def _cfb_open(key: bytes, body: bytes) -> bytes | None:
     """The data inside a SEIPD v1 body when its MDC holds, else None. Nothing decrypted is
     looked at before the MDC is checked; the quick-check octets never are (an oracle)."""
-    encrypted = body[1:]
     decryptor = Cipher(algorithms.AES(key), CFB(bytes(16))).decryptor()
-    clear = decryptor.update(encrypted) + decryptor.finalize()
+    clear = decryptor.update(memoryview(body)[1:]) + decryptor.finalize()
     if len(clear) < 18 + 22:
         return None
-    mdc = hashlib.sha1(clear[:-20]).digest()  # noqa: S324 - the MDC is SHA-1 by definition
-    if not hmac.compare_digest(mdc, clear[-20:]) or clear[-22:-20] != b"\xd3\x14":
+    view = memoryview(clear)
+    mdc = hashlib.sha1(view[:-20]).digest()  # noqa: S324 - the MDC is SHA-1 by definition
+    if not hmac.compare_digest(mdc, view[-20:]) or clear[-22:-20] != b"\xd3\x14":
         return None
     return clear[18:-22]
 
