@@ -189,15 +189,16 @@ def test_every_session_key_loads_with_the_gnupg_loaders_facts(
 @pytest.fixture(scope="module")
 def key_variants(pgp_keys: PgpKeys, session_tmp: Path) -> dict[str, Path]:
     """Exports of the session's keys in other shapes: binary, secret subkeys only (a GnuPG stub
-    primary), a second, newer encryption subkey, and a key re-protected by OpenPGP.js (S2K
-    SHA-256, AES-256)."""
+    primary), a second, newer encryption subkey (then the first one revoked), and a key
+    re-protected by OpenPGP.js (S2K SHA-256, AES-256)."""
     home = session_tmp / "variants"
     out = session_tmp / "variant-files"
     out.mkdir()
     peer = GpgPeer(pgp_keys, home, names=["partner-a", "partner-pw"])
     try:
         files = {"binary": out / "binary.gpg", "stub": out / "stub.asc",
-                 "two-enc": out / "two-enc.asc", "openpgp-js": out / "openpgp-js.asc"}
+                 "two-enc": out / "two-enc.asc", "openpgp-js": out / "openpgp-js.asc",
+                 "revoked-sub": out / "revoked-sub.asc"}
         files["binary"].write_bytes(peer.gpg("--dearmor", stdin=pgp_keys.sec(
             "partner-pw").read_bytes()).stdout)
         files["stub"].write_bytes(peer.gpg(
@@ -205,6 +206,9 @@ def key_variants(pgp_keys: PgpKeys, session_tmp: Path) -> dict[str, Path]:
         fpr = pgp_keys.fingerprint("partner-a")
         peer.gpg("--passphrase", "", "--quick-add-key", fpr, "rsa2048", "encr", "1y")
         files["two-enc"].write_bytes(peer.gpg("--armor", "--export", fpr).stdout)
+        peer.gpg("--passphrase", "", "--command-fd", "0", "--edit-key", fpr,
+                 stdin=b"key 1\nrevkey\ny\n0\n\ny\nsave\n")
+        files["revoked-sub"].write_bytes(peer.gpg("--armor", "--export", fpr).stdout)
         files["openpgp-js"].write_bytes(node("""
             import { readFileSync } from 'node:fs';
             import * as openpgp from 'openpgp';
@@ -220,12 +224,12 @@ def key_variants(pgp_keys: PgpKeys, session_tmp: Path) -> dict[str, Path]:
         peer.close()
 
 
-@pytest.mark.parametrize("variant", ["binary", "stub", "two-enc", "openpgp-js"])
+@pytest.mark.parametrize("variant", ["binary", "stub", "two-enc", "revoked-sub", "openpgp-js"])
 def test_other_export_shapes_load_with_the_same_facts(
     pgp_keys: PgpKeys, key_variants: dict[str, Path], runtime_dir: Path, variant: str
 ) -> None:
     base = {"binary": "partner-pw", "stub": "partner-a", "two-enc": "partner-a",
-            "openpgp-js": "partner-pw"}[variant]
+            "revoked-sub": "partner-a", "openpgp-js": "partner-pw"}[variant]
     config = pgp_keys.keyset_config("own", [(base, "sec", "active")])
     key_config = dataclasses.replace(config.keys[0], file=key_variants[variant])
     if variant == "openpgp-js":
@@ -236,10 +240,10 @@ def test_other_export_shapes_load_with_the_same_facts(
     assert _facts(native) == _facts(reference)
     if variant == "stub":  # the primary's secret is not there: it cannot sign
         assert native.private and native.can_encrypt and not native.can_sign
-    if variant == "two-enc":  # the newer encryption subkey is the one encrypted to
-        parts = native.material.parts
-        assert native.material.pick("encrypt", int(time.time())) is max(
-            (p for p in parts if p.can_encrypt), key=lambda p: p.created)
+    parts = native.material.parts
+    if variant in ("two-enc", "revoked-sub"):  # the newer encryption subkey is encrypted to
+        assert [p.revoked for p in parts] == [False, variant == "revoked-sub", False]
+        assert native.material.pick("encrypt", int(time.time())) is parts[2]
 
 
 def test_not_after_and_the_keys_own_expiry(pgp_keys: PgpKeys) -> None:

@@ -19,18 +19,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import openpgp
+from gateway.config import PgpOptions
 from gateway.envelope import Opened
 from gateway.errors import (
     AlgorithmError,
     ConfigError,
     DecryptError,
+    EngineError,
     EnvelopeError,
     MalformedError,
     SignatureError,
     TooLargeError,
     UnknownKeyError,
 )
-from gateway.keys import Key
+from gateway.keys import Key, Keyset
 from gateway.openpgp import NativePgpEnvelope, load_native_keyset
 from tests.pgp_fixtures import GpgPeer, PgpKeys, b64url, unb64url
 from tests.test_openpgp import (  # noqa: F401
@@ -447,6 +449,17 @@ def test_this_builds_rsa_uses_implicit_rejection() -> None:
     first = key.decrypt(bytes(bad), padding.PKCS1v15())
     assert first == key.decrypt(bytes(bad), padding.PKCS1v15())
     assert first != b"x" * 35
+
+
+def test_without_implicit_rejection_the_engine_does_not_start(
+    monkeypatch: pytest.MonkeyPatch, native_keyset: Callable[..., Keyset]  # noqa: F811
+) -> None:
+    assert openpgp._implicit_rejection.__wrapped__()  # this build: the probe itself
+    monkeypatch.setattr(openpgp, "_implicit_rejection", lambda: False)
+    with pytest.raises(EngineError, match="implicit rejection"):
+        NativePgpEnvelope(native_keyset("own", [("partner-a", "sec", "active")]),
+                          native_keyset("peer", [("google-a", "pub", "active")]), PgpOptions(),
+                          max_plaintext_bytes=1000)
 
 
 def test_bad_session_keys_bad_mdcs_and_bad_structure_look_the_same(
