@@ -97,17 +97,20 @@ class Craft:
         return max((p for p in parts if getattr(p, f"can_{use}")), key=lambda p: p.created)
 
     def sig(self, name: str, data: bytes, *, hash_id: int = 9, sig_type: int = 0,
-            created: int | None = None, damage: bool = False) -> bytes:
+            created: int | None = None, damage: bool = False, part: Any = None) -> bytes:
+        """A signature packet by key `name`'s signing part (or by `part`, whatever it is)."""
         body = bytearray(openpgp._make_sig(
-            self.part(name, "sign"), sig_type, hash_id, openpgp._hash_of(hash_id, data),
+            part or self.part(name, "sign"), sig_type, hash_id, openpgp._hash_of(hash_id, data),
             self.now if created is None else created,
         ))
         if damage:
             body[-3] ^= 0x01
         return openpgp._packet(2, bytes(body))
 
-    def ops(self, name: str, *, hash_id: int = 9, last: bool = True, sig_type: int = 0) -> bytes:
-        body = bytes([3, sig_type, hash_id, 1]) + self.part(name, "sign").keyid + bytes([last])
+    def ops(self, name: str, *, hash_id: int = 9, last: bool = True, sig_type: int = 0,
+            part: Any = None) -> bytes:
+        keyid = (part or self.part(name, "sign")).keyid
+        body = bytes([3, sig_type, hash_id, 1]) + keyid + bytes([last])
         return openpgp._packet(4, body)
 
     @staticmethod
@@ -478,6 +481,24 @@ def test_a_signing_subkey_without_its_back_signature_signs_nothing(
     body = b64url(craft.encrypt(craft.signed(PLAINTEXT, ["google-sub"])))
     with pytest.raises(SignatureError):
         partner.open(body)
+
+
+def test_a_subkey_with_a_broken_binding_is_not_part_of_the_key(
+    pgp_keys: PgpKeys, runtime_dir: Path
+) -> None:
+    packets = openpgp._key_packets(pgp_keys.pub("google-a").read_bytes())
+    last_sig = max(i for i, p in enumerate(packets) if p.tag == 2)  # the subkey's binding
+    out = [openpgp._packet(p.tag, p.body[:-3] + bytes([p.body[-3] ^ 1]) + p.body[-2:])
+           if i == last_sig else openpgp._packet(p.tag, p.body) for i, p in enumerate(packets)]
+    path = runtime_dir / "bad-binding.gpg"
+    path.write_bytes(b"".join(out))
+    config = pgp_keys.keyset_config("peer", [("google-a", "pub", "active")])
+    config = dataclasses.replace(config, keys=(dataclasses.replace(config.keys[0], file=path),))
+    (native,) = load_native_keyset(config).keys
+    (reference,) = load_pgp_keyset(config, runtime_dir / "scan").keys
+    assert _facts(native) == _facts(reference)
+    assert native.can_sign and not native.can_encrypt
+    assert len(native.material.parts) == 1
 
 
 def test_an_expired_own_key_still_decrypts(

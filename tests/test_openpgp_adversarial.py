@@ -514,6 +514,19 @@ def test_a_bad_signature_by_a_peer_key(partner: NativePgpEnvelope, craft: Craft)
     assert error.layer == "signature"
 
 
+@pytest.mark.parametrize(("name", "index"), [("google-sub", 0), ("google-a", 1)])
+def test_a_signature_by_a_part_that_may_not_sign(
+    native_envelope: MakeNative, craft: Craft, name: str, index: int  # noqa: F811
+) -> None:
+    """google-sub's primary only certifies; google-a's subkey only encrypts."""
+    partner = native_envelope([("partner-a", "sec", "active")], [(name, "pub", "active")])
+    part = craft.key(name).material.parts[index]
+    assert not part.can_sign and part.private is not None
+    inner = craft.ops(name, part=part) + craft.literal(SECRET) + craft.sig(name, SECRET,
+                                                                           part=part)
+    refused(partner, b64url(craft.encrypt(inner)), SignatureError)
+
+
 def test_a_signature_over_other_data(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
     inner = craft.ops("google-a") + craft.literal(SECRET) + craft.sig("google-a", b"other")
     refused(partner, b64url(craft.encrypt(inner)), SignatureError)
