@@ -114,6 +114,7 @@ class Gateway:
                 keepalive_timeout=limits.idle_timeout_s,
                 max_field_size=limits.max_header_bytes,
                 max_line_size=limits.max_header_bytes,
+                max_headers=limits.max_headers,
                 shutdown_timeout=config.shutdown_timeout_s,
             )
             await runner.setup()

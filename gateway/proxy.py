@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from gateway.config import Limits
 from gateway.envelope import PLAINTEXT_CONTENT_TYPE, Opened, Sealed
 from gateway.errors import (
     EngineError,
@@ -53,6 +54,7 @@ _MESSAGES = {
     "overloaded": "Too many requests are in progress; retry later.",
     "engine": "The crypto engine failed; see the gateway's log.",
     "method": "Only POST is proxied.",
+    "request_timeout": "The request body did not arrive within the configured time.",
 }
 
 
@@ -132,10 +134,10 @@ class Proxy:
                 self.inflight.enter()
                 try:
                     if direction == "inbound":
-                        response = await self._inbound(request, route, limits.max_body_bytes,
+                        response = await self._inbound(request, route, limits,
                                                        record)
                     else:
-                        response = await self._outbound(request, route, limits.max_body_bytes,
+                        response = await self._outbound(request, route, limits,
                                                         record)
                 except Failure as failure:
                     record["reason"] = failure.reason
@@ -152,9 +154,10 @@ class Proxy:
             log.info("request", extra={"fields": record})
             return response
 
-    async def _inbound(self, request: web.Request, route: RouteRuntime, cap: int,
+    async def _inbound(self, request: web.Request, route: RouteRuntime, limits: Limits,
                        record: dict[str, Any]) -> web.Response:
-        body = await _read_request(request, cap)
+        cap = limits.max_body_bytes
+        body = await _read_request(request, limits)
         opened = await self._open(route, body, record)
         status, answer = await self._forward(
             route, request, opened.plaintext, PLAINTEXT_CONTENT_TYPE, cap
@@ -172,9 +175,10 @@ class Proxy:
         return web.Response(status=status, body=sealed.body,
                             headers={"Content-Type": route.envelope.content_type})
 
-    async def _outbound(self, request: web.Request, route: RouteRuntime, cap: int,
+    async def _outbound(self, request: web.Request, route: RouteRuntime, limits: Limits,
                         record: dict[str, Any]) -> web.Response:
-        body = await _read_request(request, cap)
+        cap = limits.max_body_bytes
+        body = await _read_request(request, limits)
         record["request_id"] = await self._run(_request_id, body)
         sealed = await self._seal(route, body, record, phase="request")
         status, answer = await self._forward(
@@ -297,11 +301,16 @@ def _status_for(exc: GatewayError, direction: str, op: str) -> int:
     return 401 if exc.layer == "signature" else 400
 
 
-async def _read_request(request: web.Request, cap: int) -> bytes:
+async def _read_request(request: web.Request, limits: Limits) -> bytes:
+    """The request body, within max_body_bytes (413) and body_timeout_s (408: a slow body)."""
     try:
-        body = await _read_capped(request.content, request.content_length, cap)
+        async with asyncio.timeout(limits.body_timeout_s):
+            body = await _read_capped(request.content, request.content_length,
+                                      limits.max_body_bytes)
     except _BodyTooLarge:
         raise Failure(413, "too_large", "request") from None
+    except TimeoutError:
+        raise Failure(408, "request_timeout", "request", {"Connection": "close"}) from None
     if not body:
         raise Failure(400, "malformed", "request")
     return body

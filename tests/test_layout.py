@@ -21,7 +21,7 @@ ALLOWED = {
     "metrics": set(),
     "logs": set(),
     "snapshot": {"config", "envelope", "errors", "jose", "keys", "openpgp", "pgp", "tls"},
-    "proxy": {"envelope", "errors", "metrics", "snapshot"},
+    "proxy": {"config", "envelope", "errors", "metrics", "snapshot"},
     "reload": {"config", "errors", "metrics", "snapshot"},
     "admin": {"metrics", "reload", "snapshot"},
     "supervisor": {"admin", "config", "metrics", "reload", "snapshot"},

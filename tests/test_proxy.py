@@ -4,6 +4,7 @@ service and a stand-in Google that seals and opens with the gpg command line or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import warnings
@@ -406,3 +407,39 @@ async def test_outbound_through_an_egress_proxy(
         await proxy.stop()
         await service.stop()
     assert proxy.targets == [f"localhost:{service.port}"]
+
+
+async def raw_exchange(port: int, pki: Pki, head: bytes, body: bytes = b"",
+                       pause: float = 0.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_context(),
+                                                   server_hostname="localhost")
+    writer.write(head)
+    writer.write(body)
+    await writer.drain()
+    await asyncio.sleep(pause)
+    answer = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+    return answer
+
+
+async def test_slow_body_and_too_many_headers_are_refused_and_the_gateway_stays_healthy(
+    google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits="limits: {body_timeout_s: 0.5, max_headers: 10}")
+    async with running_gateway(tmp_path, text) as gateway:
+        port = gateway.routes["in"].port
+        head = (b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Length: 1000\r\n\r\n")
+        slow_body = await raw_exchange(port, pki, head, b"x" * 10, pause=1.0)
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(20))
+        crowded = await raw_exchange(
+            port, pki, b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n" + many +
+            b"Content-Length: 0\r\n\r\n")
+        assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
+    assert slow_body.startswith(b"HTTP/1.1 408 ")
+    assert crowded.split(b" ", 2)[1] in (b"400", b"431")
+    assert len(partner.calls) == 1
