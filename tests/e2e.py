@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import textwrap
@@ -15,17 +16,20 @@ from typing import Protocol
 import aiohttp
 import pytest
 import trustme
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.app import Gateway, build_gateway
 from gateway.config import load_config
+from gateway.envelope import CONTENT_TYPES
 from gateway.metrics import Metrics
 from tests.jose_fixtures import JoseKeys, NodeJose, craft_jwe
+from tests.peers import StandIn
 from tests.pgp_fixtures import GpgPeer, PgpKeys
 
 __all__ = [
     "ANSWER", "PLAINTEXT_TYPE", "REQUEST", "Google", "JoseGoogle", "PgpGoogle", "Pki", "config",
-    "memory_handshake", "pki", "post", "running_gateway",
+    "google_for", "google_service", "memory_handshake", "pki", "post", "running_gateway",
 ]
 
 
@@ -283,3 +287,28 @@ async def post(gateway: Gateway, route: str, body: bytes, *, ctx: ssl.SSLContext
         headers=headers or {},
     ) as response:
         return response.status, dict(response.headers), await response.read()
+
+
+def google_for(request: pytest.FixtureRequest, kind: str) -> Google:
+    """The stand-in Google for "pgp" (gpg CLI, gnupg engine route), "pgp-native" (gpg CLI,
+    native engine route) or "jose" (panva jose), from the session fixtures."""
+    if kind.startswith("pgp"):
+        engine = "native" if kind == "pgp-native" else "gnupg"
+        return PgpGoogle(request.getfixturevalue("pgp_keys"),
+                         request.getfixturevalue("gpg_peer"), engine)
+    return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
+
+
+def google_service(google: Google, answer: bytes = ANSWER,
+                   expect: bytes | None = None) -> StandIn:
+    """A stand-in Google server (not started) that opens the partner's request (checking it is
+    `expect` when given) and answers `answer`, sealed."""
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        plaintext, _ = await asyncio.to_thread(google.open, body)
+        if expect is not None:
+            assert plaintext == expect
+        sealed = await asyncio.to_thread(google.seal, answer)
+        return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
+
+    return StandIn(handler)

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from gateway.envelope import CONTENT_TYPES
 from gateway.logs import JsonFormatter
-from tests.e2e import Google, JoseGoogle, PgpGoogle, Pki, config
+from tests.e2e import Google, Pki, config, google_for, google_service
 from tests.jose_fixtures import JoseKeys
 from tests.peers import StandIn, json_answer, slow
 from tests.pgp_fixtures import PgpKeys, b64url, unb64url
@@ -57,21 +55,15 @@ def test_formatter_keeps_fields_and_drops_exception_text() -> None:
 
 @pytest.fixture(params=["pgp", "jose"])
 def google(request: pytest.FixtureRequest) -> Google:
-    if request.param == "pgp":
-        return PgpGoogle(request.getfixturevalue("pgp_keys"), request.getfixturevalue("gpg_peer"))
-    return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
+    return google_for(request, request.param)
 
 
 @pytest.fixture
 async def stand_ins(google: Google, pki: Pki) -> AsyncIterator[tuple[StandIn, StandIn]]:
     partner = await StandIn(json_answer(ANSWER)).start()
-
-    async def google_answer(request: web.Request, body: bytes) -> web.StreamResponse:
-        await asyncio.to_thread(google.open, body)
-        sealed = await asyncio.to_thread(google.seal, ANSWER)
-        return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
-
-    service = await StandIn(google_answer, ssl_context=pki.server_context()).start()
+    service = google_service(google, ANSWER)
+    service.ssl_context = pki.server_context()
+    await service.start()
     yield partner, service
     await partner.stop()
     await service.stop()

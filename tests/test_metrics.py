@@ -9,19 +9,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.envelope import CONTENT_TYPES
 from gateway.metrics import Metrics
 from tests.e2e import (
     ANSWER,
     REQUEST,
     Google,
-    JoseGoogle,
     PgpGoogle,
     Pki,
     config,
+    google_for,
+    google_service,
     post,
     running_gateway,
 )
@@ -68,21 +67,15 @@ def test_every_contract_metric_is_registered_with_its_type_and_labels() -> None:
 
 @pytest.fixture(params=["pgp", "jose"])
 def google(request: pytest.FixtureRequest) -> Google:
-    if request.param == "pgp":
-        return PgpGoogle(request.getfixturevalue("pgp_keys"), request.getfixturevalue("gpg_peer"))
-    return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
+    return google_for(request, request.param)
 
 
 @pytest.fixture
 async def peers(google: Google, pki: Pki) -> AsyncIterator[tuple[StandIn, StandIn]]:
     partner = await StandIn(json_answer(ANSWER)).start()
-
-    async def answer(request: web.Request, body: bytes) -> web.StreamResponse:
-        await asyncio.to_thread(google.open, body)
-        sealed = await asyncio.to_thread(google.seal, ANSWER)
-        return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
-
-    service = await StandIn(answer, ssl_context=pki.server_context()).start()
+    service = google_service(google, ANSWER)
+    service.ssl_context = pki.server_context()
+    await service.start()
     yield partner, service
     await partner.stop()
     await service.stop()

@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.envelope import CONTENT_TYPES
 from tests.e2e import (
@@ -23,10 +22,10 @@ from tests.e2e import (
     PLAINTEXT_TYPE,
     REQUEST,
     Google,
-    JoseGoogle,
-    PgpGoogle,
     Pki,
     config,
+    google_for,
+    google_service,
     memory_handshake,
     post,
     running_gateway,
@@ -38,11 +37,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(params=["pgp", "pgp-native", "jose"])
 def google(request: pytest.FixtureRequest) -> Google:
-    if request.param.startswith("pgp"):
-        engine = "native" if request.param == "pgp-native" else "gnupg"
-        return PgpGoogle(request.getfixturevalue("pgp_keys"),
-                         request.getfixturevalue("gpg_peer"), engine)
-    return JoseGoogle(request.getfixturevalue("jose_keys"), request.getfixturevalue("node_jose"))
+    return google_for(request, request.param)
 
 
 @pytest.fixture
@@ -50,18 +45,6 @@ async def partner() -> AsyncIterator[StandIn]:
     service = await StandIn(json_answer(ANSWER)).start()
     yield service
     await service.stop()
-
-
-def google_service(google: Google) -> StandIn:
-    """A stand-in Google that opens the partner's request and answers sealed."""
-
-    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
-        plaintext, _ = await asyncio.to_thread(google.open, body)
-        assert plaintext == REQUEST
-        sealed = await asyncio.to_thread(google.seal, ANSWER)
-        return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
-
-    return StandIn(handler)
 
 
 # -- the happy paths ------------------------------------------------------------------------
@@ -91,7 +74,7 @@ async def test_inbound_opens_forwards_plaintext_and_seals_the_answer(
 async def test_outbound_seals_the_request_and_opens_google_answer(
     google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
 ) -> None:
-    service = google_service(google)
+    service = google_service(google, expect=REQUEST)
     service.ssl_context = pki.server_context()
     await service.start()
     text = config(google, runtime_dir, pki, outbound_url=service.url + "/gsp",
@@ -368,7 +351,7 @@ async def test_client_certificate_required_and_checked(
 async def test_mutual_tls_toward_the_upstream_and_pinning(
     google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
 ) -> None:
-    service = google_service(google)
+    service = google_service(google, expect=REQUEST)
     service.ssl_context = pki.server_context(require_client=True)
     await service.start()
     try:
@@ -394,7 +377,7 @@ async def test_mutual_tls_toward_the_upstream_and_pinning(
 async def test_outbound_through_an_egress_proxy(
     google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
 ) -> None:
-    service = google_service(google)
+    service = google_service(google, expect=REQUEST)
     service.ssl_context = pki.server_context()
     await service.start()
     proxy = await ConnectProxy().start()
