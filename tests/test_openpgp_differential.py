@@ -1,12 +1,6 @@
-"""Differential test: the native engine and the gnupg engine (the reference) accept exactly the
-same messages, with the same plaintext, decrypting key and signer set, and refuse the others
-with the same error class; where they differ, the failure names the message's shape.
-
-Messages come from gpg itself and from a packet-level generator (gateway.openpgp's writers), then
-may be mutated. Known, deliberate differences (the native engine follows protocol.md where the
-gnupg engine does not, or is stricter than gpg) are named in KNOWN_DIFFERENCES and asserted as
-such; the generator keeps to the other shapes.
-"""
+"""Differential test: the native and the gnupg engine accept the same messages (same plaintext,
+decrypting key and signer set) and refuse the others with the same error class; where they
+differ, the failure names the message's shape."""
 
 from __future__ import annotations
 
@@ -34,6 +28,9 @@ LIMIT = 4096
 HASHES = {8: "SHA256", 9: "SHA384", 10: "SHA512", 2: "SHA1", 11: "SHA224"}
 CIPHERS = {7: "AES128", 8: "AES192", 9: "AES256"}
 COMPRESSIONS = {0: "uncompressed", 1: "zip", 2: "zlib", 3: "bzip2"}
+# Messages come from gpg itself and from a packet-level generator (gateway.openpgp's writers),
+# then may be mutated. Known, deliberate differences (the native engine follows protocol.md where
+# the gnupg engine does not) are named here and asserted as such.
 # name -> (why, what the gnupg engine answers instead of the native engine's verdict)
 KNOWN_DIFFERENCES = {
     "bad signature by a key in the gnupg home": (
