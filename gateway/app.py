@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -118,6 +119,8 @@ class Gateway:
                 shutdown_timeout=config.shutdown_timeout_s,
             )
             await runner.setup()
+            assert runner.server is not None
+            ConnectionGuard(name, runner.server, self.current, self.metrics).install()
             if route.server_ssl is not None:
                 # The listener keeps its first context; each handshake switches to the
                 # certificate of the configuration in service (hot certificate rotation).
@@ -236,6 +239,39 @@ def warn_expiring(snapshot: Snapshot) -> None:
                 "expires": key.expires.isoformat(),
                 "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
 
+
+
+class ConnectionGuard:
+    """Bounds a listener's connections: at most limits.max_connections open (more are closed at
+    once), and one whose first request head has not arrived within limits.header_timeout_s is
+    closed (slowloris). Limits are read from the configuration in service, so they apply live."""
+
+    def __init__(self, route: str, server: web.Server, current: Current,
+                 metrics: Metrics) -> None:
+        self.route = route
+        self.server = server
+        self.current = current
+        self.metrics = metrics
+        self._made = server.connection_made
+
+    def install(self) -> None:
+        self.server.connection_made = self._connection_made  # type: ignore[method-assign]
+
+    def _connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        limits = self.current.snapshot.config.limits
+        if len(self.server.connections) >= limits.max_connections:
+            self.metrics.connections_closed.labels(self.route, "max_connections").inc()
+            transport.abort()
+            return
+        self._made(handler, transport)
+        asyncio.get_running_loop().call_later(
+            limits.header_timeout_s, self._check_head, handler, transport)
+
+    def _check_head(self, handler: Any, transport: asyncio.Transport) -> None:
+        # aiohttp counts a request once its head is parsed; none yet means a slow client.
+        if getattr(handler, "_request_count", 1) == 0 and not transport.is_closing():
+            self.metrics.connections_closed.labels(self.route, "header_timeout").inc()
+            transport.abort()
 
 
 def _bound(site: web.TCPSite) -> Bound:

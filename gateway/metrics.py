@@ -85,6 +85,11 @@ class Metrics:
             "gateway_config_generation", "Generation of the configuration in service.",
             registry=registry,
         )
+        self.connections_closed = Counter(
+            "gateway_connections_closed_total",
+            "Client connections the gateway closed on a bound (header_timeout, max_connections).",
+            ["route", "reason"], registry=registry,
+        )
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How late the event loop runs a timer: stalls delay every request.",
@@ -94,7 +99,7 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)  # both series exist from the start
         traffic = ("requests", "request_duration", "upstream_duration", "crypto_duration",
-                   "crypto_failures", "key_uses", "loop_lag")
+                   "crypto_failures", "key_uses", "loop_lag", "connections_closed")
         configuration = ("key_expiry", "key_info", "config_reloads", "config_generation")
         dropped = {"single": (), "worker": configuration, "supervisor": traffic}[role]
         for name in dropped:

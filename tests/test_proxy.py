@@ -426,3 +426,48 @@ async def test_slow_body_and_too_many_headers_are_refused_and_the_gateway_stays_
     assert slow_body.startswith(b"HTTP/1.1 408 ")
     assert crowded.split(b" ", 2)[1] in (b"400", b"431")
     assert len(partner.calls) == 1
+
+
+async def test_slowloris_heads_and_too_many_connections_are_closed(
+    request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    google = google_for(request, "jose")  # listener behaviour: one scheme is enough
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits="limits: {header_timeout_s: 0.5, max_connections: 2}")
+    async with running_gateway(tmp_path, text) as gateway:
+        port = gateway.routes["in"].port
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_context(),
+                                                 server_hostname="localhost")
+
+        # A head that trickles in, a byte at a time: closed after header_timeout_s.
+        reader, writer = await connect()
+        closed_at = None
+        for index, byte in enumerate(b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: x\r\n" * 3):
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                closed_at = index
+                break
+            if reader.at_eof():
+                closed_at = index
+                break
+            await asyncio.sleep(0.05)
+        assert closed_at is not None and closed_at < 100
+        writer.close()
+        # Two idle connections fill the listener; a third is closed at once.
+        held = [await connect(), await connect()]
+        third_reader, third_writer = await connect()
+        assert await asyncio.wait_for(third_reader.read(), 5) == b""
+        third_writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+        await asyncio.sleep(0.2)
+        assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
+        metrics = gateway.metrics.render().decode()
+    assert 'gateway_connections_closed_total{reason="header_timeout",route="in"} 1.0' in metrics
+    assert 'reason="max_connections",route="in"}' in metrics
