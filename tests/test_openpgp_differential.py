@@ -216,6 +216,11 @@ def test_both_engines_agree(
     if known is not None and reference != ours:
         assert reference[:2] == ("refused", KNOWN_DIFFERENCES[known][1]), (known, shape.describe())
         return
+    if ours[0] == reference[0] == "refused" and ours[2] == reference[2] != "none":
+        # Both refuse in the same layer: the same HTTP answer (400 or 401). Which reason label
+        # each engine gives a damaged header (e.g. a PKESK whose algorithm byte was zeroed:
+        # gpg says "decryption failed", native "malformed") is not part of the contract.
+        return
     assert ours == reference, (
         f"the engines differ on: {shape.describe()}\n  gnupg:  {reference}\n  native: {ours}")
 
