@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -179,7 +180,6 @@ class Proxy:
                         record: dict[str, Any]) -> web.Response:
         cap = limits.max_body_bytes
         body = await _read_request(request, limits)
-        record["request_id"] = await self._run(_request_id, body)
         sealed = await self._seal(route, body, record, phase="request")
         status, answer = await self._forward(
             route, request, sealed.body, route.envelope.content_type, cap
@@ -192,10 +192,7 @@ class Proxy:
 
     async def _open(self, route: RouteRuntime, body: bytes, record: dict[str, Any],
                     phase: str = "request") -> Opened:
-        opened = await self._crypto(route, "open", route.envelope.open, body, record, phase)
-        if "request_id" not in record:
-            record["request_id"] = await self._run(_request_id, opened.plaintext)
-        return opened
+        return await self._crypto(route, "open", route.envelope.open, body, record, phase)
 
     async def _seal(self, route: RouteRuntime, plaintext: bytes, record: dict[str, Any],
                     phase: str) -> Sealed:
@@ -206,7 +203,12 @@ class Proxy:
         """Run one seal or open in the executor; count its time, failures and key uses."""
         started = time.perf_counter()
         try:
-            result = await self._run(function, data)
+            if "request_id" not in record:
+                # One executor job, not two: the requestId is read beside the first crypto op.
+                result, record["request_id"] = await self._run(
+                    partial(_with_request_id, function), data)
+            else:
+                result = await self._run(function, data)
         except (EnvelopeError, EngineError) as exc:
             self._crypto_failure(route, op, exc)
             raise Failure(_status_for(exc, route.config.direction, op), exc.reason,
@@ -330,6 +332,12 @@ async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: 
         if size > cap:
             raise _BodyTooLarge
         chunks.append(chunk)
+
+
+def _with_request_id(function: Callable[[bytes], R], data: bytes) -> tuple[R, str | None]:
+    """Seal or open `data`, and read the requestId of the plaintext (the input of a seal)."""
+    result = function(data)
+    return result, _request_id(result.plaintext if isinstance(result, Opened) else data)
 
 
 def _request_id(plaintext: bytes) -> str | None:
