@@ -316,6 +316,51 @@ def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
     return results
 
 
+def threaded_rate(trip: Callable[[], object], threads: int, seconds: float) -> float:
+    """Round trips per second of `trip` run in `threads` threads at once for `seconds`."""
+    deadline = time.perf_counter() + seconds
+
+    def loop() -> int:
+        runs = 0
+        while time.perf_counter() < deadline:
+            trip()
+            runs += 1
+        return runs
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        runs = sum(pool.map(lambda _: loop(), range(threads)))
+    return runs / (time.perf_counter() - started)
+
+
+def scaling(bits_list: list[int], seconds: float, slices: int, directory: Path) -> None:
+    """Executor scaling: the same round trips in 1 thread and in one thread per core,
+    alternating in `slices` so the machine's drift falls on both alike. The floor's own
+    ratio is the ideal (RSA in `cryptography` runs outside the GIL)."""
+    threads = os.cpu_count() or 1
+    print(f"Executor scaling, 1 KiB: round trips per second in 1 thread and in {threads}, "
+          f"{slices} alternating slices of {seconds / slices:g} s each")
+    print(f"{'RSA':>5}  {'round trip':<15}{'1 thread':>10}{f'{threads} threads':>12}"
+          f"{'ratio':>8}")
+    for bits in bits_list:
+        signer = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        recipient = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        plaintext = os.urandom(1024)
+        candidates = {
+            "floor PKCS1v15": floor_round_trip(signer, recipient, "PKCS1v15", plaintext),
+            "JOSE RS256": envelope_round_trip(*jose_pair(directory, signer, recipient, "RS256"),
+                                              plaintext),
+        }
+        totals = {name: [0.0, 0.0] for name in candidates}
+        for _ in range(slices):
+            for name, trip in candidates.items():
+                for column, count in enumerate((1, threads)):
+                    totals[name][column] += threaded_rate(trip, count, seconds / slices / 2)
+        for name, (one, many) in totals.items():
+            print(f"{bits:>5}  {name:<15}{one / slices:>10.1f}{many / slices:>12.1f}"
+                  f"{many / one:>7.2f}x")
+
+
 HEADER = f"{'RSA':>5}  {'plaintext':<9}  {'round trip':<15}{'rt/s':>9}{'median ms':>11}" \
          f"{'runs':>7}  {'x floor':>8}"
 
@@ -336,9 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="0.25 s per row, RSA-2048 only")
     parser.add_argument("--bits", type=int, nargs="+", default=[2048, 3072])
     parser.add_argument("--no-pgp", action="store_true", help="skip the PGP rows")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only executor scaling: 1 thread against one thread per core")
     args = parser.parse_args(argv)
     seconds = 0.25 if args.quick else args.seconds
     bits = [2048] if args.quick else args.bits
+
+    if args.scaling:
+        directory = Path(tempfile.mkdtemp(prefix="gwb-", dir="/tmp"))
+        try:
+            scaling(bits, max(args.seconds, 1.0) * 4, 4, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        return 0
 
     pgp_note = "skipped (--no-pgp)" if args.no_pgp else pgp_unavailable()
     print(f"Python {platform.python_version()}, cryptography {version('cryptography')}, "
