@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import shutil
 import sys
 from collections.abc import Coroutine
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.log_level)
+    _tune_malloc()
     from gateway.app import serve
 
     try:
@@ -70,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _tune_malloc() -> None:
+    """glibc only: two malloc arenas, and free memory at the top of the heap returned to the
+    system past 128 KiB. With the defaults (8 arenas per core, a trim threshold that grows up to
+    32 MiB), 256 connections sending 64 KiB bodies left ~20 MiB more at peak and kept ~60 MiB
+    after the burst (bench/README.md, memory). Elsewhere nothing is changed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_arena_max = -1, -8
+    mallopt(m_arena_max, 2)
+    mallopt(m_trim_threshold, 128 * 1024)
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
