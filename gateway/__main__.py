@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import logging
 import shutil
 import sys
 from collections.abc import Coroutine
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror}", file=sys.stderr)
+        return 1
+    except Exception:
+        # Logs stay one JSON object per line, and an exception's text may quote payload bytes:
+        # the formatter keeps its type and where it went through, never its message.
+        logging.getLogger("gateway").critical("crashed", exc_info=True)
         return 1
 
 

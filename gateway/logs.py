@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 
@@ -26,7 +28,15 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
+            entry["where"] = frames(record.exc_info[2])
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def frames(tb: TracebackType | None) -> list[str]:
+    """Where an exception went through, innermost last, as "file:line in function": enough to
+    find a bug, with nothing of the values involved."""
+    return [f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} in {frame.name}"
+            for frame in traceback.extract_tb(tb)][-12:]
 
 
 def setup_logging(level: str) -> None:

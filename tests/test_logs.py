@@ -4,6 +4,7 @@ whatever path a request takes (the real process at debug level)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ ANSWER = json.dumps({"responseHeader": {}, "echo": {"cardNumber": CARD,
 
 
 def test_formatter_keeps_fields_and_drops_exception_text() -> None:
+    line_of_raise = inspect.currentframe().f_lineno + 2
     try:
         raise ValueError(f"card {CARD}")
     except ValueError:
@@ -49,6 +51,8 @@ def test_formatter_keeps_fields_and_drops_exception_text() -> None:
     assert line["event"] == "boom" and line["level"] == "error"
     assert line["route"] == "in" and line["status"] == 500
     assert line["exception"] == "ValueError"
+    assert line["where"] == [f"tests/test_logs.py:{line_of_raise} in "
+                             "test_formatter_keeps_fields_and_drops_exception_text"]
     assert CARD not in json.dumps(line)
     assert datetime.fromisoformat(line["ts"]).tzinfo is not None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -73,6 +75,31 @@ def test_run_with_invalid_config_exits_1(tmp_path: Path) -> None:
     result = gateway("run", "--config", str(path))
     assert result.returncode == 1
     assert "error: keysets" in result.stderr
+
+
+def test_an_unexpected_crash_of_run_is_one_json_line_without_the_message(
+        config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gateway.app
+    from gateway.__main__ import main
+
+    secret = "4111111111111111"
+
+    async def crash(path: Path) -> int:
+        raise RuntimeError(f"card {secret}")
+
+    monkeypatch.setattr(gateway.app, "serve", crash)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # main() replaces them
+    monkeypatch.setattr(root, "level", root.level)
+    assert main(["run", "--config", str(config_file)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["event"] == "crashed" and entry["level"] == "critical"
+    assert entry["exception"] == "RuntimeError"
+    assert entry["where"][-1].endswith("in crash")
+    assert secret not in lines[0]
 
 
 def test_demo_runs_to_completion() -> None:
