@@ -17,9 +17,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from gateway.admin import build_admin_app, describe_keys, status_document
-from gateway.config import Config, load_config, usable_cores
+from gateway.config import Config, Limits, load_config, usable_cores
 from gateway.keys import expiring
 from gateway.metrics import Metrics
 from gateway.proxy import Inflight, Proxy
@@ -243,8 +244,11 @@ def warn_expiring(snapshot: Snapshot) -> None:
 
 class ConnectionGuard:
     """Bounds a listener's connections: at most limits.max_connections open (more are closed at
-    once), and one whose first request head has not arrived within limits.header_timeout_s is
-    closed (slowloris). Limits are read from the configuration in service, so they apply live."""
+    once); each request head (request line + headers) must arrive within limits.header_timeout_s
+    (slowloris: the first head's clock starts at the connection, a keep-alive request's at its
+    first byte) and within limits.max_header_bytes in all (431, or a close while an earlier
+    request is still being answered). Limits are read from the configuration in service when a
+    connection opens, so they apply live to new connections."""
 
     def __init__(self, route: str, server: web.Server, current: Current,
                  metrics: Metrics) -> None:
@@ -257,21 +261,138 @@ class ConnectionGuard:
     def install(self) -> None:
         self.server.connection_made = self._connection_made  # type: ignore[method-assign]
 
+    def closed(self, reason: str) -> None:
+        self.metrics.connections_closed.labels(self.route, reason).inc()
+
     def _connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
         limits = self.current.snapshot.config.limits
         if len(self.server.connections) >= limits.max_connections:
-            self.metrics.connections_closed.labels(self.route, "max_connections").inc()
+            self.closed("max_connections")
             transport.abort()
             return
         self._made(handler, transport)
-        asyncio.get_running_loop().call_later(
-            limits.header_timeout_s, self._check_head, handler, transport)
+        # aiohttp feeds every byte of the connection to its HTTP parser (`_parser` since 3.10,
+        # `_request_parser` before): a meter in front of it sees each head as it arrives.
+        for attribute in ("_parser", "_request_parser"):
+            parser = getattr(handler, attribute, None)
+            if parser is not None:
+                setattr(handler, attribute, _HeadMeter(self, limits, handler, transport, parser))
+                return
+        asyncio.get_running_loop().call_later(   # an aiohttp without either: first head only
+            limits.header_timeout_s, self._check_first_head, handler, transport)
 
-    def _check_head(self, handler: Any, transport: asyncio.Transport) -> None:
+    def _check_first_head(self, handler: Any, transport: asyncio.Transport) -> None:
         # aiohttp counts a request once its head is parsed; none yet means a slow client.
         if getattr(handler, "_request_count", 1) == 0 and not transport.is_closing():
-            self.metrics.connections_closed.labels(self.route, "header_timeout").inc()
+            self.closed("header_timeout")
             transport.abort()
+
+
+_CLOSING = b"\r\nContent-Length: 0\r\nConnection: close\r\nServer: cards-qr-gateway\r\n\r\n"
+_HEAD_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large" + _CLOSING
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request" + _CLOSING
+_NOTHING: tuple[list[Any], bool, bytes] = ([], False, b"")
+
+
+class _HeadMeter:
+    """Stands in front of one connection's HTTP parser (everything else is delegated to it).
+
+    Between the end of a request's body and the end of the next head, bytes belong to that
+    head: they are counted against max_header_bytes before the parser buffers them, and the head
+    must end within header_timeout_s. A completed head is also measured exactly from the parsed
+    message (a head and its body may share one read). Bytes that follow the end of a body in
+    the same read are not counted (one read at most, still under aiohttp's per-line and
+    max_headers bounds); the clock of a head pipelined that way starts at the next read."""
+
+    def __init__(self, guard: ConnectionGuard, limits: Limits, handler: Any,
+                 transport: asyncio.Transport, parser: Any) -> None:
+        self._guard = guard
+        self._limits = limits
+        self._handler = handler
+        self._transport = transport
+        self._parser = parser
+        self._body: Any = None  # the payload of the last request, until it is complete
+        self._head_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        self._start_clock()  # the first head's clock starts at the connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+    def feed_data(self, data: bytes) -> Any:
+        if self._refused:
+            return _NOTHING
+        if self._body is not None and self._body.is_eof():
+            self._body = None  # what follows is the next head
+        if self._body is None and data:
+            if self._timer is None:
+                self._start_clock()
+            self._head_bytes += len(data)
+        try:
+            result = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            if self._body is not None:
+                # A malformed body (e.g. chunked): its reader fails at once (400) instead of
+                # waiting for the rest until body_timeout_s.
+                self._refused = True
+                self._stop_clock()
+                self._guard.closed("bad_request")
+                self._body.set_exception(exc)
+                self._body.feed_eof()
+                return _NOTHING
+            # A malformed head, or a line over aiohttp's per-line bound. Answered here rather
+            # than by aiohttp, whose 400 quotes the offending bytes and logs an error.
+            if self._head_bytes > self._limits.max_header_bytes:
+                return self._refuse("header_bytes", _HEAD_TOO_LARGE)
+            return self._refuse("bad_request", _BAD_REQUEST)
+        messages = result[0]
+        limit = self._limits.max_header_bytes
+        if messages:
+            if any(_head_size(message) > limit for message, _ in messages):
+                return self._refuse("header_bytes", _HEAD_TOO_LARGE)
+            self._stop_clock()
+            self._head_bytes = 0
+            body = messages[-1][1]
+            self._body = None if body.is_eof() else body
+        elif self._body is None and self._head_bytes > limit:
+            return self._refuse("header_bytes", _HEAD_TOO_LARGE)
+        return result
+
+    def _refuse(self, reason: str, answer: bytes) -> tuple[list[Any], bool, bytes]:
+        """Answer (empty body) and close; only close while an earlier request is answered."""
+        self._refused = True
+        self._stop_clock()
+        self._guard.closed(reason)
+        busy = getattr(self._handler, "_request_in_progress", True) or \
+            getattr(self._handler, "_messages", True)
+        if not self._transport.is_closing():
+            if not busy:
+                self._transport.write(answer)
+            self._transport.close()
+        return _NOTHING
+
+    def _start_clock(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(
+            self._limits.header_timeout_s, self._head_timed_out)
+
+    def _stop_clock(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if not self._refused and not self._transport.is_closing():
+            self._guard.closed("header_timeout")
+            self._transport.abort()
+
+
+def _head_size(message: Any) -> int:
+    """Request line and header lines with their CRLFs, as sent (less optional whitespace)."""
+    target = message.path.encode("utf-8", "surrogateescape")
+    size = len(message.method) + 1 + len(target) + len(" HTTP/1.1\r\n") + 2
+    return size + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
 
 
 def _bound(site: web.TCPSite) -> Bound:

@@ -87,7 +87,8 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "gateway_connections_closed_total",
-            "Client connections the gateway closed on a bound (header_timeout, max_connections).",
+            "Client connections the gateway closed on a bound (header_timeout, header_bytes, "
+            "max_connections) or on malformed HTTP (bad_request).",
             ["route", "reason"], registry=registry,
         )
         self.loop_lag = Histogram(

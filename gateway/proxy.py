@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from yarl import URL
 
 from gateway.config import Limits
@@ -313,6 +314,9 @@ async def _read_request(request: web.Request, limits: Limits) -> bytes:
         raise Failure(413, "too_large", "request") from None
     except TimeoutError:
         raise Failure(408, "request_timeout", "request", {"Connection": "close"}) from None
+    except (HttpProcessingError, web.RequestPayloadError):
+        # Broken framing (chunked) or content coding: the body cannot be had.
+        raise Failure(400, "malformed", "request", {"Connection": "close"}) from None
     if not body:
         raise Failure(400, "malformed", "request")
     return body

@@ -471,3 +471,102 @@ async def test_slowloris_heads_and_too_many_connections_are_closed(
         metrics = gateway.metrics.render().decode()
     assert 'gateway_connections_closed_total{reason="header_timeout",route="in"} 1.0' in metrics
     assert 'reason="max_connections",route="in"}' in metrics
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 answer from a raw connection: (status, body); (0, b"") once closed."""
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        return 0, b""
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
+
+async def test_request_heads_over_max_header_bytes_in_all_are_431(
+    request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    google = google_for(request, "jose")  # listener behaviour: one scheme is enough
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits="limits: {max_header_bytes: 1024, header_timeout_s: 5}")
+    line = b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+    # 20 lines of 60 bytes: each far below the per-line bound, 1200 bytes together.
+    crowd = b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"p" * 48) for i in range(20))
+    async with running_gateway(tmp_path, text) as gateway:
+        port = gateway.routes["in"].port
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_context(),
+                                                 server_hostname="localhost")
+
+        # A whole head in one write, then one that never ends, in pieces.
+        whole = await raw_exchange(port, pki, line + crowd + b"Content-Length: 0\r\n\r\n")
+        reader, writer = await connect()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            for index in range(0, len(crowd), 100):
+                writer.write((line if index == 0 else b"") + crowd[index:index + 100])
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        pieces = await read_answer(reader)
+        writer.close()
+        # The second request of a keep-alive connection, after a good one.
+        reader, writer = await connect()
+        writer.write(line + b"Content-Length: %d\r\n\r\n" % len(sealed) + sealed)
+        first = await read_answer(reader)
+        writer.write(line + crowd + b"Content-Length: 0\r\n\r\n")
+        second = await read_answer(reader)
+        writer.close()
+        # A head near the limit whose body arrives with it is not a head over the limit.
+        near = line + b"X-Pad: " + b"p" * 800 + b"\r\nContent-Length: %d\r\n\r\n" % len(sealed)
+        assert len(near) < 1024 < len(near + sealed)
+        near_answer = await raw_exchange(port, pki, near, sealed)
+        assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
+        metrics = gateway.metrics.render().decode()
+    assert whole.startswith(b"HTTP/1.1 431 ")
+    assert pieces[0] in (0, 431)
+    assert first[0] == 200 and second == (431, b"")
+    assert near_answer.startswith(b"HTTP/1.1 200 ")
+    assert len(partner.calls) == 3
+    assert 'gateway_connections_closed_total{reason="header_bytes",route="in"} 3.0' in metrics
+
+
+async def test_a_keep_alive_request_head_that_trickles_is_closed(
+    request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    google = google_for(request, "jose")
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits="limits: {header_timeout_s: 0.5}")
+    head = b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+    async with running_gateway(tmp_path, text) as gateway:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gateway.routes["in"].port, ssl=pki.client_context(),
+            server_hostname="localhost")
+        writer.write(head % len(sealed) + sealed)
+        first = await read_answer(reader)
+        # Idle between requests for longer than header_timeout_s: that is idle_timeout_s's.
+        await asyncio.sleep(1.0)
+        writer.write(head % len(sealed) + sealed)
+        second = await read_answer(reader)
+        # Then a head that trickles in, a byte at a time: closed after header_timeout_s.
+        closed_at = None
+        for index, byte in enumerate(head * 3):
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                closed_at = index
+                break
+            if reader.at_eof():
+                closed_at = index
+                break
+            await asyncio.sleep(0.05)
+        writer.close()
+        metrics = gateway.metrics.render().decode()
+    assert first[0] == second[0] == 200
+    assert closed_at is not None and closed_at < 100
+    assert 'gateway_connections_closed_total{reason="header_timeout",route="in"} 1.0' in metrics
