@@ -97,12 +97,20 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=registry,
         )
+        self.worker_reloads = Counter(
+            "gateway_worker_reloads_total",
+            "Reloads applied by worker processes (workers > 1) after their supervisor validated "
+            "them; a failure means that worker still serves its previous configuration.",
+            ["result"], registry=registry,
+        )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)  # both series exist from the start
+            self.worker_reloads.labels(result)
         traffic = ("requests", "request_duration", "upstream_duration", "crypto_duration",
                    "crypto_failures", "key_uses", "loop_lag", "connections_closed")
         configuration = ("key_expiry", "key_info", "config_reloads", "config_generation")
-        dropped = {"single": (), "worker": configuration, "supervisor": traffic}[role]
+        dropped = {"single": ("worker_reloads",), "worker": configuration,
+                   "supervisor": (*traffic, "worker_reloads")}[role]
         for name in dropped:
             registry.unregister(getattr(self, name))
             setattr(self, name, _Unexported())

@@ -78,6 +78,7 @@ class Reloader:
                 # Our errors name the place and never hold key material; others give the type.
                 error = str(exc) if isinstance(exc, ConfigError) else type(exc).__name__
                 self.metrics.config_reloads.labels("failure").inc()
+                self.metrics.worker_reloads.labels("failure").inc()
                 self.last = ReloadStatus(datetime.now(UTC), "failure", trigger, error)
                 log.error("reload failed; the previous configuration stays in service",
                           extra={"fields": {"trigger": trigger, "error": error,
@@ -90,6 +91,7 @@ class Reloader:
             self.current.swap(snapshot)
             self.on_swap(snapshot)
             self.metrics.config_reloads.labels("success").inc()
+            self.metrics.worker_reloads.labels("success").inc()
             self.last = ReloadStatus(datetime.now(UTC), "success", trigger,
                                      warnings=tuple(warnings))
             log.info("reloaded", extra={"fields": {"trigger": trigger,

@@ -18,6 +18,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.metrics import Metrics
 from gateway.reload import listener_changes
 from tests.e2e import (
     ANSWER,
@@ -276,6 +277,28 @@ async def test_polling_counts_the_same_broken_content_once(
     assert 'gateway_config_reloads_total{result="failure"} 1.0' in metrics
     assert 'gateway_config_reloads_total{result="success"} 1.0' in metrics
     assert "gateway_config_generation 2.0" in metrics
+
+
+async def test_a_worker_counts_the_reloads_it_could_not_apply(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    # With workers > 1 the supervisor validates a reload before signalling the workers; a
+    # worker that still fails to apply it (say its GnuPG homes cannot be made) keeps serving
+    # its previous configuration, and operators see it in gateway_worker_reloads_total.
+    google = JoseGoogle(jose_keys, node_jose)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url)
+    async with running_gateway(tmp_path, text, Metrics(role="worker")) as gateway:
+        (tmp_path / "config.yaml").write_text("keysets: [broken\n")
+        assert await gateway.reload("sighup") is False
+        (tmp_path / "config.yaml").write_text(textwrap.dedent(text))
+        assert await gateway.reload("sighup") is True
+        metrics = gateway.metrics.render().decode()
+    assert 'gateway_worker_reloads_total{result="failure"} 1.0' in metrics
+    assert 'gateway_worker_reloads_total{result="success"} 1.0' in metrics
+    assert "gateway_config_reloads_total" not in metrics  # the supervisor's, not a worker's
+    single = Metrics().render().decode()
+    assert "gateway_worker_reloads_total" not in single
 
 
 # -- certificates -----------------------------------------------------------------------------

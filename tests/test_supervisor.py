@@ -105,6 +105,9 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             for _ in range(3):  # the supervisor validates, then each worker reloads
                 await next_event(process.stderr, "reloaded", generation=2)
             assert json.loads(await get("/status"))["generation"] == 2
+            metrics = await get("/metrics")
+            assert total(metrics, "gateway_worker_reloads_total", result="success") == 2
+            assert total(metrics, "gateway_worker_reloads_total", result="failure") == 0
 
             os.kill(workers[0], signal.SIGKILL)
             await next_event(process.stderr, "worker exited; starting a new one")
