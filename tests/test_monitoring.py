@@ -29,6 +29,8 @@ def exported_names() -> set[str]:
     metrics.key_expiry.labels("k", "id").set(1)
     metrics.key_info.labels("k", "id", "active", "F").set(1)
     text = metrics.render().decode()
+    # With workers > 1, a worker also exports gateway_worker_reloads_total.
+    text += Metrics(role="worker").render().decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
