@@ -242,7 +242,12 @@ class Proxy:
                 ) as response:
                     if response.headers.get("Content-Encoding", "identity") != "identity":
                         raise UpstreamUnreachable("upstream answered with a content encoding")
+                    closed = _close_of_unframed_body(response)
                     answer = await _read_capped(response.content, response.content_length, cap)
+                    if closed is not None and closed.done() and not closed.cancelled() \
+                            and closed.exception() is not None:
+                        # aiohttp ends such a body at a reset as at a clean close: cut short.
+                        raise UpstreamUnreachable("connection reset during the answer")
                     return response.status, answer
         except _BodyTooLarge:
             raise Failure(502, "too_large", "response") from None
@@ -320,6 +325,22 @@ async def _read_request(request: web.Request, limits: Limits) -> bytes:
     if not body:
         raise Failure(400, "malformed", "request")
     return body
+
+
+def _close_of_unframed_body(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
+    """For an answer whose body ends where the connection does (neither Content-Length nor
+    chunked), the future aiohttp settles when the connection closes: with an exception when it
+    was reset rather than closed cleanly, i.e. the body may have been cut short. (A reset that
+    lands before aiohttp hands the response over has already been forgotten: not seen.)"""
+    if response.content_length is not None or \
+            "chunked" in response.headers.get("Transfer-Encoding", "").lower():
+        return None
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    closed = protocol.closed if protocol is not None else None
+    if closed is not None:  # retrieve its exception whenever it comes, checked or not
+        closed.add_done_callback(lambda future: future.cancelled() or future.exception())
+    return closed
 
 
 async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: int) -> bytes:
