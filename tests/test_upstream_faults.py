@@ -353,6 +353,9 @@ FAULTS: dict[str, tuple[Fault, int, str]] = {
                                   b"zz\r\n" + b + b"\r\n"), 502, "upstream_unreachable"),
     "bad_content_length": (hold_after(lambda b, t: head(t, b"Content-Length: 12x\r\n") + b),
                            502, "upstream_unreachable"),
+    "conflicting_content_lengths": (hold_after(lambda b, t: head(
+        t, b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(b), len(b) + 7)) + b), 502,
+                                    "upstream_unreachable"),
     "huge_with_content_length": (endless(b"Content-Length: %d\r\n" % (100 * CAP)), 502,
                                  "too_large"),
     "huge_chunked": (endless(b"Transfer-Encoding: chunked\r\n", chunked=True), 502, "too_large"),
