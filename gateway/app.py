@@ -27,6 +27,7 @@ from gateway.proxy import Inflight, Proxy
 from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
 from gateway.supervisor import WorkerRole, supervise
+from gateway.upstream import upstream_session
 
 log = logging.getLogger("gateway.app")
 
@@ -90,13 +91,7 @@ class Gateway:
         """Bind every listener (port 0 picks a free port; see `routes` and `admin`)."""
         config = self.current.snapshot.config
         limits = config.limits
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=None),
-            trust_env=False,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        )
+        self._session = upstream_session()
         if self.worker is None:
             admin_app = build_admin_app(self._not_ready, self.metrics, lambda: status_document(
                 self.current.snapshot, self.reloader, self.draining))

@@ -25,7 +25,9 @@ ALLOWED = {
     "reload": {"config", "errors", "metrics", "snapshot"},
     "admin": {"metrics", "reload", "snapshot"},
     "supervisor": {"admin", "config", "metrics", "reload", "snapshot"},
-    "app": {"admin", "config", "keys", "metrics", "proxy", "reload", "snapshot", "supervisor"},
+    "upstream": set(),
+    "app": {"admin", "config", "keys", "metrics", "proxy", "reload", "snapshot", "supervisor",
+            "upstream"},
     "demo": {"app", "config", "envelope", "errors", "jose", "keys", "logs", "metrics", "pgp",
              "snapshot", "tls"},
     "keytool": {"config", "envelope", "errors", "jose", "keys", "pgp", "snapshot"},
@@ -37,7 +39,7 @@ THIRD_PARTY_HOME = {
     "jwcrypto": {"jose"},
     "yaml": {"config"},
     "prometheus_client": {"metrics"},
-    "aiohttp": {"proxy", "app", "demo", "keytool", "admin", "supervisor"},
+    "aiohttp": {"proxy", "app", "demo", "keytool", "admin", "supervisor", "upstream"},
     "uvloop": {"__main__"},
 }
 
