@@ -8,7 +8,9 @@ become gateway errors in `_jwcrypto` alone.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -610,7 +612,18 @@ def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:
             f"own key '{key.id}' does not unwrap this JWE's content key ({header['alg']})")):
         wrap = JWA.keymgmt_alg(header["alg"])
         content = JWA.encryption_alg(header["enc"])
-        cek = wrap.unwrap(key.material, content.wrap_key_size, jwe.encrypted_key, params)
+    try:
+        with _jwcrypto(lambda: DecryptError(
+                f"own key '{key.id}' does not unwrap this JWE's content key ({header['alg']})")):
+            cek = wrap.unwrap(key.material, content.wrap_key_size, jwe.encrypted_key, params)
+    except DecryptError:
+        # Security (RFC 7516 11.5): decrypt with a random content key all the same, so that a
+        # key that does not unwrap costs the time of a message that fails its tag: the time
+        # does not tell which layer failed (the inbound answer is the same 400 for both).
+        with contextlib.suppress(Exception):
+            content.decrypt(os.urandom(content.wrap_key_size // 8), jwe.protected, jwe.iv,
+                            jwe.ciphertext, jwe.tag)
+        raise
     with _jwcrypto(lambda: DecryptError(
             f"the content key unwrapped by own key '{key.id}' does not decrypt the JWE "
             f"({header['enc']} authentication failed): the message was altered or damaged")):

@@ -76,7 +76,7 @@ MIN_RSA_BITS = 2048
 # Bounds on the work one message may ask for.
 MAX_SESSION_KEY_PACKETS = 32  # as the GnuPG engine: each one may cost an RSA decryption
 MAX_RSA_DECRYPTIONS = 32
-MAX_SIGNATURES = 32
+MAX_SIGNATURES = 32  # signature packets, as the GnuPG engine (and 2 * 32 + 1 packets a level)
 MAX_NESTING = 8  # compressed packets inside compressed packets
 _INNER_SLACK = 64 * 1024  # room for packet headers and signatures beside the literal data
 
@@ -1092,6 +1092,8 @@ def _content(data: bytes, limit: int) -> _Content:
         raise MalformedError("the message does not hold exactly one encrypted literal")
     if tags.count(_LITERAL) > 1:
         raise DecryptError("the encrypted data holds more than one literal")
+    if tags.count(_SIG) > MAX_SIGNATURES:
+        raise MalformedError(f"more than {MAX_SIGNATURES} signatures")
     at = tags.index(_LITERAL)
     prefix = next((i for i, t in enumerate(tags) if t != _SIG), at)
     ops, after = tags[prefix:at], tags[at + 1:]

@@ -13,7 +13,9 @@ import io
 import logging
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -91,6 +93,16 @@ _AGENT_CONF = (
 _MAX_OUTPUT_HIT = re.compile(r"^gpg: error writing to .*: exceeded --max-output limit$", re.M)
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
 MAX_SESSION_KEY_PACKETS = 32
+# Signatures gpg may check in one message (each a key lookup and an RSA verification, ~0.3 ms):
+# they lie inside the encryption, out of our sight before gpg runs, so gpg is killed at the
+# status line that announces one more (a compressed flood of copies would otherwise keep it
+# busy until its deadline). As the native engine's MAX_SIGNATURES.
+MAX_SIGNATURES = 32
+# CPU seconds one gpg call may spend opening a message (RLIMIT_CPU, then SIGXCPU): gpg parses the
+# packets inside the encryption unbounded (a 30 kB compressed message of a million one-pass
+# signature packets kept it busy until its 10 s deadline), and no check of ours can see them
+# first. A legitimate 1 MiB message costs gpg ~15 ms; one more second per 16 MiB of limit.
+GPG_CPU_SECONDS = 1
 _SESSION_KEY_TAGS = {1, 3}  # public-key and symmetric-key encrypted session key
 _ENCRYPTED_DATA_TAGS = {9, 18, 20}  # SED, SEIPD, AEAD; gpg then refuses all but SEIPD+MDC
 _PASSPHRASE_STATUSES = {"BAD_PASSPHRASE", "MISSING_PASSPHRASE", "INQUIRE_MAXLEN"}
@@ -119,17 +131,31 @@ def _env(home: Path) -> dict[str, str]:
 
 
 class _Status(gnupg.StatusHandler):  # type: ignore[misc]
-    """Every status line of one gpg call, in order, plus its stdout and stderr."""
+    """Every status line of one gpg call, in order, plus its stdout and stderr. With
+    `max_signatures`, the gpg process is killed at the NEWSIG line past it (`flooded`)."""
 
-    def __init__(self, gpg: Any) -> None:
+    def __init__(self, gpg: Any, max_signatures: int | None = None) -> None:
         super().__init__(gpg)
         self.lines: list[tuple[str, list[str]]] = []
         self.data = b""
         self.stderr = ""
         self.returncode: int | None = None
+        self.max_signatures = max_signatures
+        self.cpu_seconds: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.signatures = 0
+        self.flooded = False
 
     def handle_status(self, key: str, value: str) -> None:
+        if self.flooded:
+            return
         self.lines.append((key, value.split()))
+        if key == "NEWSIG" and self.max_signatures is not None:
+            self.signatures += 1
+            if self.signatures > self.max_signatures and self.process is not None:
+                self.flooded = True
+                with contextlib.suppress(OSError):
+                    self.process.kill()
 
     def has(self, *keywords: str) -> bool:
         return any(key in keywords for key, _ in self.lines)
@@ -184,6 +210,16 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
     def _open_subprocess(self, args: Any, passphrase: Any = False) -> Any:
         process = super()._open_subprocess(args, passphrase)
         self._local.watchdog = _Watchdog(process, self.timeout_s)
+        status: _Status | None = getattr(self._local, "status", None)
+        if status is not None:
+            status.process = process
+            if status.cpu_seconds is not None:
+                # gpg has not read its input yet: the limit is in place before any work. No
+                # core file at SIGXCPU (gpg disables them itself too): it would hold plaintext.
+                with contextlib.suppress(ProcessLookupError):
+                    resource.prlimit(process.pid, resource.RLIMIT_CORE, (0, 0))
+                    resource.prlimit(process.pid, resource.RLIMIT_CPU,
+                                     (status.cpu_seconds, status.cpu_seconds + 1))
         return process
 
     @contextlib.contextmanager
@@ -197,13 +233,23 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
             if watchdog is not None and watchdog.finish():
                 raise EngineError(f"gpg did not finish within {self.timeout_s:g} s")
 
-    def run(self, args: Sequence[str], data: bytes = b"") -> _Status:
-        """Run gpg with `args` on `data` (stdin); gpg's refusals are in the returned status.
-        Raises EngineError when gpg cannot run or misses its deadline."""
-        status = _Status(self)
+    def run(
+        self, args: Sequence[str], data: bytes = b"", *, max_signatures: int | None = None,
+        cpu_seconds: int | None = None,
+    ) -> _Status:
+        """Run gpg with `args` on `data` (stdin); gpg's refusals are in the returned status
+        (`flooded` when it was killed for checking more than `max_signatures` signatures;
+        return code -SIGXCPU past `cpu_seconds` of CPU). Raises EngineError when gpg cannot
+        run or misses its deadline."""
+        status = _Status(self, max_signatures)
+        status.cpu_seconds = cpu_seconds
+        self._local.status = status
         # A BrokenPipeError means gpg stopped reading its input; its status lines say why.
-        with _engine_errors(), self._deadline(), contextlib.suppress(BrokenPipeError):
-            self._handle_io(list(args), io.BytesIO(data), status, binary=True)
+        try:
+            with _engine_errors(), self._deadline(), contextlib.suppress(BrokenPipeError):
+                self._handle_io(list(args), io.BytesIO(data), status, binary=True)
+        finally:
+            self._local.status = None
         return status
 
 
@@ -757,6 +803,7 @@ class PgpEnvelope:
         # base64url of armored, uncompressed OpenPGP is ~1.8x the plaintext, plus the packets.
         self.max_body_bytes = 2 * max_plaintext_bytes + 64 * 1024
         self.timeout_s = timeout_s
+        self.cpu_seconds = GPG_CPU_SECONDS + max_plaintext_bytes // (16 << 20)
         self._close_lock = threading.Lock()
         self._closed = False
         self._protected_ids: frozenset[str] = frozenset().union(
@@ -782,14 +829,19 @@ class PgpEnvelope:
         for key in self.own.enabled():
             _preset(self.home, key.material.keygrips, key.material.passphrase, self.timeout_s)
 
-    def _run(self, args: list[str], data: bytes) -> _Status:
-        """Run gpg in the home. If the agent asked for a passphrase of one of our protected keys,
-        it lost its presets (it died and gpg started a new one): preset again, retry once."""
-        status = self._gpg.run(args, data)
+    def _run(self, args: list[str], data: bytes, *, bounded: bool = False) -> _Status:
+        """Run gpg in the home (`bounded`: at most MAX_SIGNATURES signatures and
+        self.cpu_seconds of CPU). If the agent asked for a passphrase of one of our protected
+        keys, it lost its presets (it died and gpg started a new one): preset again, retry
+        once."""
+        limits: dict[str, int] = (
+            {"max_signatures": MAX_SIGNATURES, "cpu_seconds": self.cpu_seconds} if bounded else {}
+        )
+        status = self._gpg.run(args, data, **limits)
         asked = {keyid.upper() for v in status.values("NEED_PASSPHRASE") for keyid in v[:2]}
         if status.has(*_PASSPHRASE_STATUSES) and asked & self._protected_ids:
             self._preset_passphrases()
-            status = self._gpg.run(args, data)
+            status = self._gpg.run(args, data, **limits)
         return status
 
     @property
@@ -847,7 +899,20 @@ class PgpEnvelope:
         message = _b64decode(body)
         _check_structure(message)
         cap = self.max_plaintext_bytes + 1
-        status = self._run(["--max-output", str(cap), "--decrypt"], message)
+        args = ["--max-output", str(cap), "--decrypt"]
+        status = self._run(args, message, bounded=True)
+        if status.has("BADSIG") and not status.has("END_DECRYPTION") and not status.flooded:
+            # gpg --batch exits at the first bad signature (mainproc.c: "if (opt.batch && rc)
+            # g10_exit (1)"): the signatures after it are never checked nor the MDC, so nothing
+            # proves the data whole and a good signature beside the bad one would be lost.
+            # Without --batch (and still without a tty: gpg can ask nothing) it checks every
+            # signature, then the MDC; that run's status lines decide, by the same rules.
+            status = self._run(["--no-batch", *args], message, bounded=True)
+        if status.flooded:
+            raise MalformedError(f"more than {MAX_SIGNATURES} signatures")
+        if status.returncode == -signal.SIGXCPU:
+            raise MalformedError(f"gpg spent more than {self.cpu_seconds} s of CPU on the "
+                                 "message (a flood of packets inside the encryption)")
         if status.returncode is not None and status.returncode < 0:
             raise EngineError("gpg was killed")
         decrypted_by = self._check_encryption(status)
@@ -879,8 +944,12 @@ class PgpEnvelope:
             and status.has("GOODMDC")
             and not status.has("DECRYPTION_FAILED", "BADMDC")
         )
+        # A session key recovered by an own key (DECRYPTION_KEY, DECRYPTION_INFO) makes any
+        # failure a decryption failure, even if gpg also reports NO_SECKEY for another hidden
+        # recipient (all hidden recipients share the key id 0000000000000000).
+        recovered = bool(infos) or status.has("DECRYPTION_KEY")
         if not ok:
-            if enc_to <= no_seckey:
+            if enc_to <= no_seckey and not recovered:
                 raise UnknownKeyError(
                     "the message is encrypted to no enabled own key (recipient key ids: "
                     f"{', '.join(sorted(enc_to))})")

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import jose
 from gateway.config import JoseOptions
 from gateway.errors import (
     AlgorithmError,
@@ -558,6 +559,91 @@ def test_oversized_parts(jose_keys: JoseKeys, jose_partner: JoseEnvelope) -> Non
             SignatureError)
 
 
+def _header_of(length: int) -> str:
+    """A base64url JWE header of exactly `length` characters (a multiple of 4)."""
+    members = json.dumps({**JWE_HEADER, "pad": ""})
+    pad = length * 3 // 4 - len(members)
+    header = b64u(json.dumps({**JWE_HEADER, "pad": "x" * pad}))
+    assert len(header) == length
+    return header
+
+
+def test_the_protected_header_is_measured_before_json_parsing(
+    jose_keys: JoseKeys, jose_partner: JoseEnvelope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jose._MAX_HEADER (8192 characters) is checked before the header is decoded and parsed:
+    a huge or deeply nested header costs no parsing."""
+    parsed: list[bytes] = []
+    real = jose._json_object
+
+
+    def spy(raw: bytes) -> dict[str, Any] | None:
+        parsed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(jose, "_json_object", spy)
+    body = valid(jose_keys)
+    # At the limit the header is read (and, being another header than the one encrypted
+    # under, fails decryption).
+    refused(jose_partner, replace_part(body, 0, _header_of(jose._MAX_HEADER)), DecryptError)
+    assert len(parsed) == 1
+    parsed.clear()
+    nested = b64u("[" * 100_000 + "]" * 100_000)
+    for header in (_header_of(jose._MAX_HEADER + 4), "A" * 10_000_000, nested):
+        started = time.monotonic()
+        error = refused(jose_partner, replace_part(body, 0, header), MalformedError)
+        assert time.monotonic() - started < 2
+        assert "protected header of" in str(error)
+    assert parsed == []
+
+
+@pytest.mark.parametrize(("index", "limit", "error"), [
+    (1, "_MAX_ENCRYPTED_KEY", MalformedError),
+    (2, "_MAX_IV", MalformedError),
+    (3, None, TooLargeError),
+    (4, "_MAX_TAG", MalformedError),
+], ids=["encrypted_key", "iv", "ciphertext", "tag"])
+def test_each_segment_is_measured_before_decoding(
+    jose_keys: JoseKeys, jose_partner: JoseEnvelope, index: int, limit: str | None,
+    error: type[EnvelopeError],
+) -> None:
+    body = valid(jose_keys)
+    if limit is not None:
+        size = getattr(jose, limit)
+        just_over = "A" * (size + 1 + (-(size + 1) % 4 == 3))  # never a 4n+1 length
+        refused(jose_partner, replace_part(body, index, just_over), error)
+    started = time.monotonic()
+    refused(jose_partner, replace_part(body, index, "A" * 10_000_000), error)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("dots", [5, 6, 100_000])
+def test_too_many_segments(jose_keys: JoseKeys, jose_partner: JoseEnvelope, dots: int) -> None:
+    body = valid(jose_keys) + b"." + b".".join([b"AAAA"] * (dots - 4))
+    started = time.monotonic()
+    refused(jose_partner, body, MalformedError)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("inner", [
+    "a.b", "a.b.c.d", "a.b.c.d.e", ".".join(["QUFB"] * 1000),
+])
+def test_a_jwe_holding_no_compact_jws(
+    jose_keys: JoseKeys, jose_partner: JoseEnvelope, inner: str
+) -> None:
+    refused(jose_partner, to_partner(jose_keys, inner), SignatureError, "signature")
+
+
+def test_the_largest_jws_inside(jose_keys: JoseKeys) -> None:
+    """The JWS payload may be the plaintext cap, not one byte more; the inner header and
+    signature have their own caps (test_oversized_parts)."""
+    envelope = jose_envelope(jose_keys, PARTNER_OWN, GOOGLE_PUBLIC, max_plaintext_bytes=50_000)
+    at_cap = signed(jose_keys, payload=b"x" * 50_000)
+    assert envelope.open(to_partner(jose_keys, at_cap)).plaintext == b"x" * 50_000
+    refused(envelope, to_partner(jose_keys, signed(jose_keys, payload=b"x" * 50_001)),
+            TooLargeError)
+
+
 # ---------------------------------------------------------------------------------------------
 # Property: open() raises only envelope errors, whatever it is given.
 
@@ -649,3 +735,29 @@ def _zip_partner(keys: JoseKeys) -> JoseEnvelope:
 def test_messages_never_carry_the_plaintext(jose_keys: JoseKeys) -> None:
     plain = base64.urlsafe_b64encode(SECRET).rstrip(b"=")
     assert plain not in valid(jose_keys) and SECRET not in valid(jose_keys)
+
+
+def test_a_key_that_does_not_unwrap_costs_a_content_decryption(
+    jose_keys: JoseKeys, jose_partner: JoseEnvelope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 7516 11.5: a wrong key and an altered message do the same work (no timing oracle
+    between the key layer and the content layer); both are DecryptError."""
+    from jwcrypto.jwa import JWA
+
+    decrypted: list[int] = []
+    content = type(JWA.encryption_alg("A256GCM"))
+    real = content.decrypt
+
+
+    def spy(self: Any, cek: bytes, *args: Any) -> Any:
+        decrypted.append(len(cek))
+        return real(self, cek, *args)
+
+    monkeypatch.setattr(content, "decrypt", spy)
+    inner = signed(jose_keys)
+    refused(jose_partner, to_partner(jose_keys, inner, recipient="stranger-enc"), DecryptError)
+    assert decrypted == [32]
+    body = to_partner(jose_keys, inner)
+    refused(jose_partner, replace_part(body, 4, flip_first(body.decode().split(".")[4])),
+            DecryptError)
+    assert decrypted == [32, 32]

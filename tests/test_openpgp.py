@@ -134,7 +134,11 @@ class Craft:
 
     def pkesk(self, name: str, key: bytes, *, cipher: int = 9, hidden: bool = False) -> bytes:
         packet = openpgp._session_key_packet(self.part(name, "encrypt"), cipher, key)
-        return packet[:3] + bytes(8) + packet[11:] if hidden else packet
+        if not hidden:
+            return packet
+        # The key id follows the version octet, after a 1-, 2- or 5-octet body length.
+        at = 1 + (1 if packet[1] < 192 else 2 if packet[1] < 224 else 5) + 1
+        return packet[:at] + bytes(8) + packet[at + 8:]
 
     @staticmethod
     def seipd(key: bytes, inner: bytes) -> bytes:

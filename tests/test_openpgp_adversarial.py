@@ -506,8 +506,7 @@ def test_bad_session_keys_bad_mdcs_and_bad_structure_look_the_same(
 
 
 def test_a_bad_signature_by_a_peer_key(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
-    """Protocol.md: a bad signature is a signature failure (401). The gnupg engine answers
-    DecryptError here, because gpg withholds DECRYPTION_OKAY after a BADSIG."""
+    """Protocol.md: a bad signature is a signature failure (401), as in the gnupg engine."""
     inner = craft.ops("google-a") + craft.literal(SECRET) + craft.sig("google-a", SECRET,
                                                                       damage=True)
     error = refused(partner, b64url(craft.encrypt(inner)), SignatureError)
@@ -560,10 +559,31 @@ def test_signature_packets_that_do_not_pair(
 
 def test_too_many_signatures(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
     sig = craft.sig("stranger", SECRET)
-    inner = sig * openpgp.MAX_SIGNATURES + craft.sig("google-a", SECRET) + craft.literal(SECRET)
+    inner = sig * (openpgp.MAX_SIGNATURES - 1) + craft.sig("google-a", SECRET) + \
+        craft.literal(SECRET)
     assert partner.open(b64url(craft.encrypt(inner))).verified_by == ("google-a",)
-    inner = sig * (2 * openpgp.MAX_SIGNATURES + 2) + craft.literal(SECRET)
-    refused(partner, b64url(craft.encrypt(inner)), MalformedError)
+    for count in (openpgp.MAX_SIGNATURES + 1, 2 * openpgp.MAX_SIGNATURES + 2):
+        inner = sig * count + craft.literal(SECRET)
+        refused(partner, b64url(craft.encrypt(inner)), MalformedError)
+
+
+@pytest.mark.parametrize("flood", ["signatures", "one-pass packets"])
+def test_floods_of_packets(partner: NativePgpEnvelope, craft: Craft, flood: str) -> None:  # noqa: F811
+    """Compressed, a million packets are refused at the decompression cap (the gnupg engine
+    stops gpg at its CPU cap instead: 400); a hundred, uncompressed, by count. No RSA work."""
+    sig = craft.sig("google-a", SECRET)
+
+    def inner(n: int) -> bytes:
+        if flood == "signatures":
+            return sig * n + craft.literal(SECRET)
+        return (craft.ops("google-a", last=False) * n + craft.ops("google-a")
+                + craft.literal(SECRET) + sig)
+
+    for n, compressed, error in ((1_000_000, True, TooLargeError), (100, False, MalformedError)):
+        data = craft.compressed(2, inner(n)) if compressed else inner(n)
+        started = time.monotonic()
+        refused(partner, b64url(craft.encrypt(data)), error)
+        assert time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize(("name", "inner", "error"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import pgp
 from gateway.envelope import Opened
 from gateway.errors import (
     AlgorithmError,
@@ -21,7 +23,8 @@ from gateway.errors import (
     UnknownKeyError,
 )
 from gateway.pgp import PgpEnvelope
-from tests.pgp_fixtures import GpgPeer, PgpKeys, b64url, unb64url
+from tests.pgp_fixtures import GpgPeer, PgpKeys, b64url, gpg_processes_under, unb64url
+from tests.test_openpgp import Craft, craft, partial  # noqa: F401
 
 SECRET = b'{"cardNumber": "4111111111111111"}'
 MakeEnvelope = Callable[..., PgpEnvelope]
@@ -230,6 +233,171 @@ def test_just_over_the_limit_uncompressed(pgp_envelope: MakeEnvelope, gpg_peer: 
     assert partner.open(gpg_peer.seal(b"y" * 5000, ["google-a"], ["partner-a"])).plaintext
     refused(partner, gpg_peer.seal(b"y" * 5001, ["google-a"], ["partner-a"], compress="none"),
             TooLargeError)
+
+
+# Bad signatures beside good ones (gpg --batch stops at the first bad one, before the MDC).
+
+
+@pytest.fixture(scope="module")
+def two_peers(pgp_envelope: MakeEnvelope) -> PgpEnvelope:
+    return pgp_envelope([("partner-a", "sec", "active")],
+                        [("google-a", "pub", "active"), ("google-sub", "pub", "active")])
+
+
+def _signed(craft: Craft, signers: list[tuple[str, bool]], data: bytes = SECRET  # noqa: F811
+            ) -> bytes:
+    """One-pass signed `data`, one signature per (key name, spoilt) in order."""
+    ops = [craft.ops(name, last=i == 0) for i, (name, _) in enumerate(signers)]
+    return (b"".join(reversed(ops)) + craft.literal(data)
+            + b"".join(craft.sig(name, data, damage=bad) for name, bad in signers))
+
+
+@pytest.mark.parametrize("signers", [
+    [("google-a", False), ("google-sub", True)],
+    [("google-sub", True), ("google-a", False)],
+    [("google-a", False), ("google-a", True)],
+    [("google-a", True), ("google-sub", True), ("stranger", False), ("google-a", False)],
+], ids=["good-then-bad", "bad-then-good", "same-key", "two-bad-unknown-then-good"])
+def test_a_good_signature_beside_a_bad_one_is_accepted(
+    two_peers: PgpEnvelope, craft: Craft, signers: list[tuple[str, bool]]  # noqa: F811
+) -> None:
+    """protocol.md 3: any one good signature by an enabled peer key is enough. gpg --batch
+    exits at a BADSIG ("[GNUPG:] FAILURE gpg-exit 33554433", no DECRYPTION_OKAY, GOODMDC
+    nor END_DECRYPTION); the engine then asks gpg again without --batch."""
+    opened = two_peers.open(b64url(craft.encrypt(_signed(craft, signers))))
+    assert opened == Opened(SECRET, ("partner-a",), ("google-a",))
+
+
+def test_only_bad_signatures_are_a_signature_failure(
+    two_peers: PgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    body = b64url(craft.encrypt(_signed(craft, [("google-a", True), ("google-sub", True)])))
+    error = refused(two_peers, body, SignatureError)
+    assert error.layer == "signature" and "bad" in str(error)
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_a_bad_signature_never_excuses_altered_data(
+    two_peers: PgpEnvelope, craft: Craft, damage: str  # noqa: F811
+) -> None:
+    """The second gpg run must still prove the data whole (GOODMDC, DECRYPTION_OKAY)."""
+    raw = bytearray(craft.encrypt(_signed(craft, [("google-sub", True), ("google-a", False)])))
+    if damage == "flip":
+        raw[-3] ^= 0x01
+    else:
+        del raw[-10:]
+    refused(two_peers, b64url(bytes(raw)), DecryptError)
+
+
+# Bounds on the work one message may ask of gpg.
+
+
+def test_signatures_are_capped(partner: PgpEnvelope, craft: Craft) -> None:  # noqa: F811
+    """At most pgp.MAX_SIGNATURES signatures, one-pass or not: gpg is stopped at the status
+    line announcing one more, before it checks it."""
+    limit, stranger = pgp.MAX_SIGNATURES, craft.sig("stranger", SECRET)
+    ok = stranger * (limit - 1) + craft.sig("google-a", SECRET) + craft.literal(SECRET)
+    assert partner.open(b64url(craft.encrypt(ok))).verified_by == ("google-a",)
+    one_pass = [("stranger", False)] * (limit - 1) + [("google-a", False)]
+    assert partner.open(b64url(craft.encrypt(_signed(craft, one_pass)))).plaintext == SECRET
+    for inner in (stranger * limit + craft.sig("google-a", SECRET) + craft.literal(SECRET),
+                  _signed(craft, [*one_pass, ("google-a", False)]),
+                  craft.sig("google-a", SECRET) * 5000 + craft.literal(SECRET)):
+        started = time.monotonic()
+        error = refused(partner, b64url(craft.encrypt(inner)), MalformedError)
+        assert "more than 32 signatures" in str(error)
+        assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("flood", ["signatures", "one-pass packets"])
+def test_a_compressed_flood_of_packets_costs_at_most_the_cpu_cap(
+    partner: PgpEnvelope, craft: Craft, flood: str  # noqa: F811
+) -> None:
+    """A million packets compressed into a small message: gpg parses them all before the
+    first NEWSIG (unbounded: it ran to its 10 s deadline), so RLIMIT_CPU stops it."""
+    sig = craft.sig("google-a", SECRET)
+    inner = (sig * 1_000_000 + craft.literal(SECRET) if flood == "signatures" else
+             craft.ops("google-a", last=False) * 1_000_000 + craft.ops("google-a")
+             + craft.literal(SECRET) + sig)
+    body = b64url(craft.encrypt(craft.compressed(2, inner)))
+    assert len(body) < 2_500_000
+    started = time.monotonic()
+    error = refused(partner, body, MalformedError)
+    assert "of CPU" in str(error)
+    assert time.monotonic() - started < 5  # ~1 s of CPU; generous for a loaded machine
+    assert [p for p in gpg_processes_under(partner.home) if "gpg-agent" not in p] == []
+
+
+def test_nested_compression(partner: PgpEnvelope, craft: Craft) -> None:  # noqa: F811
+    """gpg reads a few levels (the native engine: openpgp.MAX_NESTING) and refuses deep
+    nesting itself, quickly."""
+    inner = craft.signed(SECRET, ["google-a"])
+    for depth in range(1, 41):
+        inner = craft.compressed(2, inner)
+        if depth in (2, 9):
+            assert partner.open(b64url(craft.encrypt(inner))).plaintext == SECRET
+    started = time.monotonic()
+    refused(partner, b64url(craft.encrypt(inner)), MalformedError)
+    assert time.monotonic() - started < 2
+
+
+def test_a_compression_bomb_inside_nested_compression(
+    partner: PgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    inner = craft.signed(bytes(30_000_000), ["google-a"])
+    for _ in range(3):
+        inner = craft.compressed(2, inner)
+    body = b64url(craft.encrypt(inner))
+    assert len(body) < 100_000
+    started = time.monotonic()
+    refused(partner, body, TooLargeError)
+    assert time.monotonic() - started < 5
+
+
+def _packet_body(packet: bytes) -> bytes:
+    return packet[2 if packet[1] < 192 else 3 if packet[1] < 224 else 6:]
+
+
+def test_partial_lengths_are_read_where_gpg_writes_them(
+    partner: PgpEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    key = os.urandom(32)
+    literal = partial(11, _packet_body(craft.literal(SECRET * 40)), 5)
+    inner = craft.ops("google-a") + literal + craft.sig("google-a", SECRET * 40)
+    body = craft.pkesk("partner-a", key) + partial(18, _packet_body(craft.seipd(key, inner)), 6)
+    assert partner.open(b64url(body)).plaintext == SECRET * 40
+
+
+@pytest.mark.parametrize(("name", "error"), [
+    ("partial length on a session-key packet", MalformedError),
+    ("session-key length past the end", MalformedError),
+    ("encrypted data declared 4 GiB long", DecryptError),
+    ("encrypted data with a partial chunk and nothing after", DecryptError),
+])
+def test_bad_and_huge_packet_lengths(
+    partner: PgpEnvelope, craft: Craft, name: str, error: type[EnvelopeError]  # noqa: F811
+) -> None:
+    key = os.urandom(32)
+    pk = craft.pkesk("partner-a", key)
+    data = craft.seipd(key, craft.signed(SECRET * 2000, ["google-a"]))
+    assert pk[:3] == b"\xc1\xc0\x4c" and data[:2] == b"\xd2\xff"  # 2048-bit: 268 bytes
+    message = {
+        "partial length on a session-key packet": partial(1, pk[3:], 4) + data,
+        "session-key length past the end": b"\xc1\xff\xff\xff\xff\xff" + pk[3:] + data,
+        "encrypted data declared 4 GiB long": pk + b"\xd2\xff\xff\xff\xff\xff" + data[6:],
+        "encrypted data with a partial chunk and nothing after":
+            pk + b"\xd2\xef" + data[6:6 + 32768],
+    }[name]
+    started = time.monotonic()
+    refused(partner, b64url(message), error)
+    assert time.monotonic() - started < 2
+
+
+def test_session_key_packets_are_capped(partner: PgpEnvelope, good: bytes) -> None:
+    """pgp.MAX_SESSION_KEY_PACKETS recipients are fine, one more is refused before gpg."""
+    limit = pgp.MAX_SESSION_KEY_PACKETS
+    assert partner.open(_bogus_session_keys(good, limit - 1)).plaintext == SECRET
+    refused(partner, _bogus_session_keys(good, limit), MalformedError)
 
 
 # Arbitrary input: only the envelope's own errors come out.
