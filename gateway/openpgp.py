@@ -78,6 +78,10 @@ MAX_SESSION_KEY_PACKETS = 32  # as the GnuPG engine: each one may cost an RSA de
 MAX_RSA_DECRYPTIONS = 32
 MAX_SIGNATURES = 32  # signature packets, as the GnuPG engine (and 2 * 32 + 1 packets a level)
 MAX_NESTING = 8  # compressed packets inside compressed packets
+# Partial-length chunks of one packet. Writers send chunks of at least 512 octets (RFC 4880
+# 4.2.2.4 asks it of the first; gpg writes 8 KiB), so this is 8 MiB a packet at the least; a
+# 2 MB body of 1-octet chunks cost 70 MB and seconds of joining before this cap.
+MAX_PARTIAL_CHUNKS = 16384
 _INNER_SLACK = 64 * 1024  # room for packet headers and signatures beside the literal data
 
 # Packet tags (RFC 4880 4.3).
@@ -191,6 +195,8 @@ def _next_packet(cur: _Cursor, *, clip: bool = False) -> _Packet:
             if clip and cur.done:
                 cut = True
                 break
+            if len(chunks) >= MAX_PARTIAL_CHUNKS:
+                raise _Invalid(f"more than {MAX_PARTIAL_CHUNKS} partial-length chunks")
             length, partial = _length(cur)
             chunks.append(take(length))
         return _Packet(tag, b"".join(chunks), cut, chunked=chunked)

@@ -93,6 +93,10 @@ _AGENT_CONF = (
 _MAX_OUTPUT_HIT = re.compile(r"^gpg: error writing to .*: exceeded --max-output limit$", re.M)
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
 MAX_SESSION_KEY_PACKETS = 32
+# RSA decryptions one message may ask of the agent (outside gpg's CPU limit): gpg tries every
+# own secret key on each hidden recipient (key id 0000000000000000). As the native engine.
+MAX_RSA_DECRYPTIONS = 32
+_HIDDEN = "0" * 16
 # Signatures gpg may check in one message (each a key lookup and an RSA verification, ~0.3 ms):
 # they lie inside the encryption, out of our sight before gpg runs, so gpg is killed at the
 # status line that announces one more (a compressed flood of copies would otherwise keep it
@@ -631,18 +635,7 @@ def message_recipients(body: bytes) -> tuple[str, ...]:
     """The key ids a base64url OpenPGP message is encrypted to, read from its public-key
     session-key packets without decrypting (16 upper-case hex digits each; all zeros for a
     hidden recipient). Raises MalformedError when the body is not such a message."""
-    message = _b64decode(body)
-    _check_structure(message)
-    data = _dearmor(message) if message.lstrip().startswith(b"-----BEGIN ") else message
-    recipients: list[str] = []
-    pos = 0
-    while True:
-        tag, start, length = _packet(data, pos)
-        if tag not in _SESSION_KEY_TAGS:
-            return tuple(recipients)
-        if tag == 1 and length >= 10 and data[start] == 3:
-            recipients.append(data[start + 1:start + 9].hex().upper())
-        pos = start + length
+    return _check_structure(_b64decode(body))
 
 
 # The envelope.
@@ -702,12 +695,14 @@ def _packet(data: bytes, pos: int) -> tuple[int, int, int]:
     return tag, pos + 1 + size, int.from_bytes(rest[:size], "big") if size else -1
 
 
-def _check_structure(message: bytes) -> None:
+def _check_structure(message: bytes) -> tuple[str, ...]:
     """Refuse, before gpg runs, what does not start as an encrypted message does (session-key
     packets, then encrypted data), and more session-key packets than any sender needs: gpg
-    spends an RSA decryption on each one addressed to us."""
+    spends an RSA decryption on each one addressed to us. Returns the key ids of the v3
+    public-key session-key packets (all zeros for a hidden recipient)."""
     data = _dearmor(message) if message.lstrip().startswith(b"-----BEGIN ") else message
     pos = count = 0
+    recipients: list[str] = []
     while True:
         tag, start, length = _packet(data, pos)
         if tag not in _SESSION_KEY_TAGS:
@@ -717,9 +712,12 @@ def _check_structure(message: bytes) -> None:
             raise MalformedError(
                 f"more than {MAX_SESSION_KEY_PACKETS} session-key packets, or a broken one"
             )
+        if tag == 1 and length >= 10 and data[start] == 3:
+            recipients.append(data[start + 1:start + 9].hex().upper())
         pos = start + length
     if not count or tag not in _ENCRYPTED_DATA_TAGS:
         raise MalformedError("not an encrypted OpenPGP message")
+    return tuple(recipients)
 
 
 @dataclass
@@ -897,7 +895,11 @@ class PgpEnvelope:
                 f"body of {len(body)} bytes is over the {self.max_body_bytes} byte limit"
             )
         message = _b64decode(body)
-        _check_structure(message)
+        recipients = _check_structure(message)
+        hidden = recipients.count(_HIDDEN)
+        if hidden * len(self.own.decryptors()) > MAX_RSA_DECRYPTIONS:
+            raise MalformedError(f"{hidden} hidden recipients, each to be tried with every own "
+                                 f"key: more than {MAX_RSA_DECRYPTIONS} RSA decryptions")
         cap = self.max_plaintext_bytes + 1
         args = ["--max-output", str(cap), "--decrypt"]
         status = self._run(args, message, bounded=True)

@@ -248,6 +248,26 @@ def test_a_flood_of_session_keys_is_refused_at_once(
     assert time.monotonic() - started < 0.2
 
 
+def test_hidden_recipients_times_own_keys_are_capped(
+    native_envelope: MakeNative, craft: Craft  # noqa: F811
+) -> None:
+    """Each hidden recipient is tried with every own key: at most openpgp.MAX_RSA_DECRYPTIONS
+    RSA decryptions a message, refused before any."""
+    partner = native_envelope([("partner-a", "sec", "active"), ("partner-pw", "sec", "active")],
+                           [("google-a", "pub", "active")])
+    key = os.urandom(32)
+    seipd = craft.seipd(key, craft.signed(SECRET, ["google-a"]))
+    decoy = craft.pkesk("stranger", key, hidden=True)
+    ours = craft.pkesk("partner-a", key, hidden=True)
+    per_message = openpgp.MAX_RSA_DECRYPTIONS // 2  # two own keys
+    body = b64url(decoy * (per_message - 1) + ours + seipd)
+    assert partner.open(body).decrypted_by == ("partner-a",)
+    started = time.monotonic()
+    error = refused(partner, b64url(decoy * per_message + ours + seipd), MalformedError)
+    assert time.monotonic() - started < 0.5
+    assert "RSA decryptions" in str(error) or "session keys to try" in str(error)
+
+
 def test_hidden_recipients_and_armor_headers(
     partner: NativePgpEnvelope, gpg_peer: GpgPeer
 ) -> None:
@@ -366,6 +386,34 @@ def test_partial_and_indeterminate_lengths_are_read(
         assert partner.open(b64url(body)).plaintext == SECRET * 40
 
 
+def test_partial_chunks_are_capped(native_envelope: MakeNative, craft: Craft) -> None:  # noqa: F811
+    """openpgp.MAX_PARTIAL_CHUNKS a packet: 1-octet chunks (two body octets for each one of
+    data) would cost a list entry each, seconds and ~70 MB for a 2 MB body."""
+    partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    key = os.urandom(32)
+    data = bytes(range(256)) * 1500
+
+    def message(chunk_power: int) -> bytes:
+        literal = partial(11, _body(craft.literal(data)), chunk_power)
+        inner = craft.ops("google-a") + literal + craft.sig("google-a", data)
+        return b64url(craft.pkesk("partner-a", key) +
+                      partial(18, _body(craft.seipd(key, inner)), chunk_power))
+
+    assert partner.open(message(5)).plaintext == data  # 12,000 chunks of 32 octets
+    body = message(0)
+    assert len(body) < partner.max_body_bytes
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        refused(partner, body, MalformedError)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2
+    assert peak < 10_000_000
+
+
 @pytest.mark.parametrize(("name", "mangle", "error"), [
     ("partial length on a session-key packet",
      lambda pk, data: partial(1, pk[3:], 4) + data, MalformedError),
@@ -390,7 +438,7 @@ def test_bad_packet_lengths(
     key = os.urandom(32)
     pk = craft.pkesk("partner-a", key)
     data = craft.seipd(key, craft.signed(SECRET * 2000, ["google-a"]))
-    assert pk[:3] == b"\xc1\xc0\x4c" and data[:2] == b"\xd2\xff"  # 2048-bit: 268 bytes
+    assert pk[:2] == b"\xc1\xc0" and data[:2] == b"\xd2\xff"  # 2048-bit: 267 or 268 bytes
     refused(partner, b64url(mangle(pk, data)), error)
 
 

@@ -276,3 +276,19 @@ def test_where_the_native_engine_is_stricter_than_gpg(
     assert outcome(gnupg, body)[0] == "opened"
     assert outcome(native, body) == ("refused", native_says, "encryption")
 
+
+
+def test_one_octet_partial_chunks_only_gpg_reads(
+    pgp_envelope: Callable[..., PgpEnvelope], native_envelope: MakeNative,  # noqa: F811
+    craft: Craft,  # noqa: F811
+) -> None:
+    """More than openpgp.MAX_PARTIAL_CHUNKS chunks in one packet: gpg joins them in C in
+    milliseconds; the native engine refuses them (400) rather than pay a list entry each."""
+    own, peer = [("partner-a", "sec", "active")], [("google-a", "pub", "active")]
+    gnupg, native = pgp_envelope(own, peer), native_envelope(own, peer)
+    data = b"z" * (openpgp.MAX_PARTIAL_CHUNKS + 1)
+    body = _header_size(craft.literal(data))
+    literal = partial(11, craft.literal(data)[body:], 0)
+    message = craft.encrypt(craft.ops("google-a") + literal + craft.sig("google-a", data))
+    assert outcome(gnupg, b64url(message))[:2] == ("opened", data)
+    assert outcome(native, b64url(message)) == ("refused", "MalformedError", "encryption")

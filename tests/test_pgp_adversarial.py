@@ -380,7 +380,7 @@ def test_bad_and_huge_packet_lengths(
     key = os.urandom(32)
     pk = craft.pkesk("partner-a", key)
     data = craft.seipd(key, craft.signed(SECRET * 2000, ["google-a"]))
-    assert pk[:3] == b"\xc1\xc0\x4c" and data[:2] == b"\xd2\xff"  # 2048-bit: 268 bytes
+    assert pk[:2] == b"\xc1\xc0" and data[:2] == b"\xd2\xff"  # 2048-bit: 267 or 268 bytes
     message = {
         "partial length on a session-key packet": partial(1, pk[3:], 4) + data,
         "session-key length past the end": b"\xc1\xff\xff\xff\xff\xff" + pk[3:] + data,
@@ -398,6 +398,26 @@ def test_session_key_packets_are_capped(partner: PgpEnvelope, good: bytes) -> No
     limit = pgp.MAX_SESSION_KEY_PACKETS
     assert partner.open(_bogus_session_keys(good, limit - 1)).plaintext == SECRET
     refused(partner, _bogus_session_keys(good, limit), MalformedError)
+
+
+def test_hidden_recipients_times_own_keys_are_capped(
+    pgp_envelope: MakeEnvelope, craft: Craft  # noqa: F811
+) -> None:
+    """Each hidden recipient is tried with every own key: at most pgp.MAX_RSA_DECRYPTIONS
+    RSA decryptions a message, refused before any."""
+    partner = pgp_envelope([("partner-a", "sec", "active"), ("partner-pw", "sec", "active")],
+                           [("google-a", "pub", "active")])
+    key = os.urandom(32)
+    seipd = craft.seipd(key, craft.signed(SECRET, ["google-a"]))
+    decoy = craft.pkesk("stranger", key, hidden=True)
+    ours = craft.pkesk("partner-a", key, hidden=True)
+    per_message = pgp.MAX_RSA_DECRYPTIONS // 2  # two own keys
+    body = b64url(decoy * (per_message - 1) + ours + seipd)
+    assert partner.open(body).decrypted_by == ("partner-a",)
+    started = time.monotonic()
+    error = refused(partner, b64url(decoy * per_message + ours + seipd), MalformedError)
+    assert time.monotonic() - started < 0.5
+    assert "RSA decryptions" in str(error) or "session keys to try" in str(error)
 
 
 # Arbitrary input: only the envelope's own errors come out.
