@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import gnupg
+from cryptography.hazmat.decrepit.ciphers.modes import CFB
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from gateway.config import KeyConfig, KeysetConfig, PgpOptions
 from gateway.envelope import CONTENT_TYPES, Opened, Sealed
@@ -720,6 +723,15 @@ def _check_structure(message: bytes) -> tuple[str, ...]:
     return tuple(recipients)
 
 
+def _decrypt_in_vain(message: bytes) -> None:
+    """AES-256-CFB with a random key, SHA-1 and SHA-384 over `message`: the work of opening
+    SEIPD data, checking its MDC and hashing the literal for a signature, for nothing."""
+    decryptor = Cipher(algorithms.AES(os.urandom(32)), CFB(bytes(16))).decryptor()
+    clear = decryptor.update(message) + decryptor.finalize()
+    hashlib.sha1(clear).digest()  # noqa: S324 - the MDC's hash, computed in vain
+    hashlib.sha384(clear).digest()
+
+
 @dataclass
 class _Signature:
     """One signature as gpg's status lines describe it."""
@@ -917,13 +929,13 @@ class PgpEnvelope:
                                  "message (a flood of packets inside the encryption)")
         if status.returncode is not None and status.returncode < 0:
             raise EngineError("gpg was killed")
-        decrypted_by = self._check_encryption(status)
+        decrypted_by = self._check_encryption(status, message)
         if _MAX_OUTPUT_HIT.search(status.stderr) or len(status.data) >= cap:
             raise TooLargeError(f"plaintext is over the {self.max_plaintext_bytes} byte limit")
         verified_by = self._check_signatures(status)
         return Opened(plaintext=status.data, decrypted_by=decrypted_by, verified_by=verified_by)
 
-    def _check_encryption(self, status: _Status) -> tuple[str, ...]:
+    def _check_encryption(self, status: _Status, message: bytes) -> tuple[str, ...]:
         enc_to = {v[0].upper() for v in status.values("ENC_TO") if v}
         if not enc_to:
             if status.has("NEED_PASSPHRASE_SYM"):
@@ -958,6 +970,10 @@ class PgpEnvelope:
             if infos:
                 raise DecryptError("the session key was decrypted but the data failed its "
                                    "integrity check: the message was altered or damaged")
+            # Security: gpg stops at a session key that does not decrypt, but decrypts and
+            # hashes all the data before a bad MDC; the same kind of work here, so that the
+            # time (~4 ms for 1 MB) does not tell which layer failed (both 400, no oracle).
+            _decrypt_in_vain(message)
             raise DecryptError("the session key could not be decrypted with the own key it "
                                "names (recipient key ids: "
                                f"{', '.join(sorted(enc_to - no_seckey))})")

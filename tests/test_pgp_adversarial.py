@@ -235,6 +235,31 @@ def test_just_over_the_limit_uncompressed(pgp_envelope: MakeEnvelope, gpg_peer: 
             TooLargeError)
 
 
+def test_a_session_key_that_does_not_decrypt_costs_the_data_work(
+    partner: PgpEnvelope, craft: Craft, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """gpg stops at a bad session key but decrypts and hashes all the data before a bad MDC;
+    the engine does that work in vain in the first case, so time tells neither apart."""
+    calls: list[int] = []
+    real = pgp._decrypt_in_vain
+
+    def spy(message: bytes) -> None:
+        calls.append(len(message))
+        real(message)
+
+    monkeypatch.setattr(pgp, "_decrypt_in_vain", spy)
+    key = os.urandom(32)
+    pk = bytearray(craft.pkesk("partner-a", key))
+    pk[-20] ^= 0x55
+    seipd = craft.seipd(key, craft.signed(SECRET * 100, ["google-a"]))
+    refused(partner, b64url(bytes(pk) + seipd), DecryptError)
+    assert calls == [len(pk) + len(seipd)]
+    altered = bytearray(craft.encrypt(craft.signed(SECRET * 100, ["google-a"])))
+    altered[-5] ^= 0x01
+    refused(partner, b64url(bytes(altered)), DecryptError)
+    assert len(calls) == 1
+
+
 # Bad signatures beside good ones (gpg --batch stops at the first bad one, before the MDC).
 
 
