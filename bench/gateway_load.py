@@ -294,7 +294,8 @@ class GatewayProcess:
     """`python -m gateway run --config PATH`, its stderr (JSON log lines) in a file."""
 
     def __init__(self, config: Path, log: Path, runtime: Path, log_level: str,
-                 workers: str) -> None:
+                 workers: str, env: dict[str, str] | None = None) -> None:
+        """`env`: extra environment variables for the gateway (the soak's private TMPDIR)."""
         self.log = log
         self.runtime = runtime
         self.workers = workers
@@ -303,7 +304,7 @@ class GatewayProcess:
             [sys.executable, "-m", "gateway", "run", "--config", str(config),
              "--log-level", log_level],
             stdout=self._log_file, stderr=self._log_file, start_new_session=True, cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.listening: dict[str, Any] = {}
 
