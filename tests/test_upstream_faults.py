@@ -163,10 +163,13 @@ async def rig(request: pytest.FixtureRequest, side: str, scheme: str, behaviour:
     direction, transport = side.split("-")
     good_tls = pki.server_context() if transport == "https" else None
     peer = RawPeer(behaviour, ssl_context=tls or good_tls)
-    if refused:
-        with socket.socket() as probe:  # a port nobody listens on (until check_healthy)
-            probe.bind(("127.0.0.1", 0))
-            peer.port = probe.getsockname()[1]
+    # `refused`: a port nobody listens on (until check_healthy). The probe keeps it bound, not
+    # listening, until the gateway has bound its own port-0 listeners: released earlier, the
+    # kernel could give the same port to the gateway, which would then forward to itself.
+    probe = socket.socket() if refused else None
+    if probe is not None:
+        probe.bind(("127.0.0.1", 0))
+        peer.port = probe.getsockname()[1]
     else:
         await peer.start()
     sealed_request = await asyncio.to_thread(google.seal, REQUEST)
@@ -178,9 +181,13 @@ async def rig(request: pytest.FixtureRequest, side: str, scheme: str, behaviour:
     text = route_config(google, runtime_dir, pki, direction, peer.url)
     try:
         async with running_gateway(tmp_path, text) as gateway:
+            if probe is not None:
+                probe.close()
             yield Rig(google, pki, direction, peer, gateway, answer, answer_type,
                       sealed_request, caplog, good_tls)
     finally:
+        if probe is not None:
+            probe.close()
         await peer.stop()
 
 
