@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import warnings
 from collections.abc import AsyncIterator
@@ -165,7 +166,6 @@ async def test_inbound_partner_failures(
     partner = await StandIn(slow(3, json_answer(ANSWER))).start()
     closed = await StandIn(json_answer(ANSWER)).start()
     closed_url = closed.url
-    await closed.stop()
     try:
         text = config(google, runtime_dir, pki, inbound_url=partner.url, timeout_s=0.5,
                       limits="limits: {max_body_bytes: 4096}")
@@ -176,9 +176,12 @@ async def test_inbound_partner_failures(
         assert len(partner.calls) == 2  # once each: never retried
         text = config(google, runtime_dir, pki, inbound_url=closed_url)
         async with running_gateway(tmp_path, text) as gateway:
+            # Stopped only now: released earlier, its port could go to the gateway's listeners.
+            await closed.stop()
             refused = await post(gateway, "in", sealed, ctx=pki.client_context())
     finally:
         await partner.stop()
+        await closed.stop()
     assert timed_out[0::2] == (504, b"")
     assert too_large[0::2] == (502, b"")
     assert refused[0::2] == (502, b"")
@@ -278,8 +281,13 @@ async def test_outbound_failures(
     assert calls == 5
     text = config(google, runtime_dir, pki, outbound_url=service.url,
                   upstream_extra=f", ca: {pki.ca}")
-    async with running_gateway(tmp_path, text) as gateway:
-        status, _, body = await post(gateway, "out", REQUEST)
+    # Bound, never listening: connections are refused and the gateway's port-0 listeners
+    # cannot be given this port (it would then send the request to itself).
+    with socket.socket() as hold:
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its TIME_WAITs
+        hold.bind(("127.0.0.1", service.port))
+        async with running_gateway(tmp_path, text) as gateway:
+            status, _, body = await post(gateway, "out", REQUEST)
     assert (status, error_of(body)) == (502, "upstream_unreachable")
 
 
