@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import resource
 import shutil
 import sys
 from collections.abc import Coroutine
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging(args.log_level or config.log_level)
     _tune_malloc()
+    # A core file of this process would hold card data and private keys: none, for it and for
+    # every child (gpg and its agents inherit the limit).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     from gateway.app import serve
 
     try:

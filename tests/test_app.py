@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -134,6 +135,9 @@ async def test_run_process_drains_on_sigterm(
         routes = listening["routes"]
         assert isinstance(routes, dict)
         port = int(str(routes["in"]).rsplit(":", 1)[1])
+        # No core files: one would hold card data and keys.
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.M), limits
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(session.post(
                 f"https://localhost:{port}/cards-qr-v1/echo", data=sealed,

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -418,6 +419,27 @@ def test_seal_and_open_from_many_threads(pgp_envelope: MakeEnvelope) -> None:
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_a_gpg_that_fails_before_reading_is_an_engine_error(
+    pgp_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gpg can fail at start-up with no status line at all (bench/soak.py once caught it exiting
+    # with "can't disable core dumps"): that is the engine's failure (500), never a malformed
+    # message (400 to Google for a valid request).
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    google = pgp_envelope([("google-a", "sec", "active")], [("partner-a", "pub", "active")])
+    body = google.seal(PLAINTEXT).body
+    real_run = partner._gpg.run
+
+    def failing_at_start(args: list[str], data: bytes = b"", **options: Any) -> Any:
+        return real_run(["--no-such-option", *args], data, **options)
+
+    monkeypatch.setattr(partner._gpg, "run", failing_at_start)
+    with pytest.raises(EngineError, match="before reading the message"):
+        partner.open(body)
+    monkeypatch.undo()
+    assert partner.open(body).plaintext == PLAINTEXT
 
 
 def test_a_gpg_past_its_deadline_is_killed(pgp_envelope: MakeEnvelope) -> None:
