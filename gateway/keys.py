@@ -89,6 +89,14 @@ class Keyset:
         return tuple(k for k in self.keys if k.enabled and k.can_sign and not k.expired(now))
 
 
+def key_expiry(parts: Iterable[datetime | None], not_after: datetime | None) -> datetime | None:
+    """When a key stops counting: the soonest of the expiries of the parts it uses (primary,
+    signing and encryption parts) and the configured `not_after` (a naive one is UTC)."""
+    if not_after is not None and not_after.tzinfo is None:
+        not_after = not_after.replace(tzinfo=UTC)
+    return min((e for e in [*parts, not_after] if e is not None), default=None)
+
+
 def expiring(keysets: Iterable[Keyset], within: timedelta,
              now: datetime | None = None) -> list[tuple[Keyset, Key]]:
     """Enabled keys that expire within `within` from `now` (already expired ones included)."""

@@ -40,7 +40,7 @@ from gateway.errors import (
     TooLargeError,
     UnknownKeyError,
 )
-from gateway.keys import Key, Keyset, utcnow
+from gateway.keys import Key, Keyset, key_expiry, utcnow
 
 __all__ = ["NativePgpEnvelope", "load_native_keyset"]
 
@@ -823,12 +823,9 @@ def _load_key(config: KeyConfig) -> Key:
     material = _Material(parts)
     signing = _gpg_pick(parts, "sign", now, private)
     encryption = _gpg_pick(parts, "encrypt", now, private)
-    not_after = config.not_after
-    if not_after is not None and not_after.tzinfo is None:
-        not_after = not_after.replace(tzinfo=UTC)
     ends = [p.expires for p in (parts[0], signing, encryption) if p is not None]
-    expiries = [datetime.fromtimestamp(e, UTC) for e in ends if e is not None]
-    expires = min([*expiries, *([not_after] if not_after else [])], default=None)
+    expires = key_expiry([datetime.fromtimestamp(e, UTC) for e in ends if e is not None],
+                         config.not_after)
     return Key(
         id=config.id,
         state=config.state,

@@ -44,7 +44,7 @@ from gateway.errors import (
     TooLargeError,
     UnknownKeyError,
 )
-from gateway.keys import Key, Keyset, utcnow
+from gateway.keys import Key, Keyset, key_expiry, utcnow
 
 __all__ = [
     "GeneratedPgpKey",
@@ -453,11 +453,8 @@ def _load_key(config: KeyConfig, home: Path, timeout_s: float) -> Key:
     now = utcnow()
     signing = _pick(parts, "s", now, need_secret=private)
     encryption = _pick(parts, "e", now, need_secret=private)
-    not_after = config.not_after
-    if not_after is not None and not_after.tzinfo is None:
-        not_after = not_after.replace(tzinfo=UTC)
-    expiries = [p.expires for p in (primary, signing, encryption) if p is not None]
-    expires = min((e for e in [*expiries, not_after] if e is not None), default=None)
+    expires = key_expiry([p.expires for p in (primary, signing, encryption) if p is not None],
+                         config.not_after)
     public = gpg.run(["--export", fingerprint]).data
     if private:
         _check_secret(gpg, config, home, parts, signing, encryption, timeout_s)
