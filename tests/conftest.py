@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from tests.e2e import pki  # noqa: F401
+from tests.e2e import partner_and_google, pki  # noqa: F401
 from tests.jose_fixtures import *  # noqa: F403
 from tests.pgp_fixtures import *  # noqa: F403
 

@@ -24,7 +24,7 @@ from gateway.config import load_config
 from gateway.envelope import CONTENT_TYPES
 from gateway.metrics import Metrics
 from tests.jose_fixtures import JoseKeys, NodeJose, craft_jwe
-from tests.peers import StandIn
+from tests.peers import StandIn, json_answer
 from tests.pgp_fixtures import GpgPeer, PgpKeys
 
 __all__ = [
@@ -312,3 +312,16 @@ def google_service(google: Google, answer: bytes = ANSWER,
         return web.Response(body=sealed, headers={"Content-Type": CONTENT_TYPES[google.scheme]})
 
     return StandIn(handler)
+
+
+@pytest.fixture
+async def partner_and_google(google: Google, pki: Pki) -> AsyncIterator[tuple[StandIn, StandIn]]:
+    """For a module with a `google` fixture: a partner service answering ANSWER (plain HTTP)
+    and a Google service (TLS) that opens the partner's request and answers ANSWER, sealed."""
+    partner = await StandIn(json_answer(ANSWER)).start()
+    service = google_service(google, ANSWER)
+    service.ssl_context = pki.server_context()
+    await service.start()
+    yield partner, service
+    await partner.stop()
+    await service.stop()

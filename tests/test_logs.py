@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.logs import JsonFormatter
-from tests.e2e import Google, Pki, config, google_for, google_service
+from tests.e2e import Google, Pki, config, google_for
 from tests.jose_fixtures import JoseKeys
 from tests.peers import StandIn, json_answer, slow
 from tests.pgp_fixtures import PgpKeys, b64url, unb64url
@@ -61,22 +60,11 @@ def google(request: pytest.FixtureRequest) -> Google:
     return google_for(request, request.param)
 
 
-@pytest.fixture
-async def stand_ins(google: Google, pki: Pki) -> AsyncIterator[tuple[StandIn, StandIn]]:
-    partner = await StandIn(json_answer(ANSWER)).start()
-    service = google_service(google, ANSWER)
-    service.ssl_context = pki.server_context()
-    await service.start()
-    yield partner, service
-    await partner.stop()
-    await service.stop()
-
-
 async def test_no_payment_data_in_logs_or_metrics_on_any_path(
-    google: Google, stand_ins: tuple[StandIn, StandIn], runtime_dir: Path, pki: Pki,
+    google: Google, partner_and_google: tuple[StandIn, StandIn], runtime_dir: Path, pki: Pki,
     tmp_path: Path, pgp_keys: PgpKeys, jose_keys: JoseKeys,
 ) -> None:
-    partner, service = stand_ins
+    partner, service = partner_and_google
     expires = datetime.now(UTC) + timedelta(days=10)
     text = config(google, runtime_dir, pki, inbound_url=partner.url, outbound_url=service.url,
                   upstream_extra=f", ca: {pki.ca}", timeout_s=1,

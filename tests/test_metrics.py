@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from tests.e2e import (
     Pki,
     config,
     google_for,
-    google_service,
     post,
     running_gateway,
 )
@@ -70,21 +68,11 @@ def google(request: pytest.FixtureRequest) -> Google:
     return google_for(request, request.param)
 
 
-@pytest.fixture
-async def peers(google: Google, pki: Pki) -> AsyncIterator[tuple[StandIn, StandIn]]:
-    partner = await StandIn(json_answer(ANSWER)).start()
-    service = google_service(google, ANSWER)
-    service.ssl_context = pki.server_context()
-    await service.start()
-    yield partner, service
-    await partner.stop()
-    await service.stop()
-
-
 async def test_traffic_in_both_directions_moves_every_metric(
-    google: Google, peers: tuple[StandIn, StandIn], runtime_dir: Path, pki: Pki, tmp_path: Path,
+    google: Google, partner_and_google: tuple[StandIn, StandIn], runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
 ) -> None:
-    partner, service = peers
+    partner, service = partner_and_google
     # JOSE keys have no expiry of their own: give the peer's encryption key one.
     expires = datetime(2027, 9, 1, tzinfo=UTC) if google.scheme == "jose" else None
     text = config(google, runtime_dir, pki, inbound_url=partner.url, outbound_url=service.url,
