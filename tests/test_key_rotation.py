@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -121,26 +122,33 @@ class PgpGoogle:
     def __init__(self, keys: PgpKeys, home: Path) -> None:
         self.keys = keys
         self.peer = GpgPeer(keys, home, names=["google-a", "google-b"])
+        # gpg --import rewrites the keybox; a gpg reading it at that moment fails ("keydb_search
+        # failed: No such file or directory", seen once in CI). Google's side is a stand-in:
+        # its calls take turns.
+        self._lock = threading.Lock()
         self.sign_with = [keys.fingerprint("google-a")]
         self.encrypt_to = [self.take_on(keys.pub("partner-a"))]
         self.trusted = set(self.encrypt_to)
 
     def take_on(self, public_key: Path) -> str:
         """Import one of our public keys; its primary fingerprint."""
-        shown = self.peer.gpg("--with-colons", "--import-options", "show-only", "--import",
-                              str(public_key)).stdout.decode()
-        self.peer.gpg("--import", str(public_key))
+        with self._lock:
+            shown = self.peer.gpg("--with-colons", "--import-options", "show-only", "--import",
+                                  str(public_key)).stdout.decode()
+            self.peer.gpg("--import", str(public_key))
         return shown.split("\nfpr:::::::::")[1].split(":")[0]
 
     def seal(self, plaintext: bytes) -> bytes:
         args = ["--sign", "--encrypt", "--digest-algo", "SHA384", "--cipher-algo", "AES256"]
         args += [a for f in self.sign_with for a in ("--local-user", f)]
         args += [a for f in self.encrypt_to for a in ("--recipient", f)]
-        return b64url(self.peer.gpg(*args, stdin=plaintext).stdout)
+        with self._lock:
+            return b64url(self.peer.gpg(*args, stdin=plaintext).stdout)
 
     def open(self, body: bytes) -> bytes | None:
         try:
-            opened = self.peer.open_details(body)
+            with self._lock:
+                opened = self.peer.open_details(body)
         except GpgPeerError:
             return None
         return opened.plaintext if set(opened.signers) & self.trusted else None
