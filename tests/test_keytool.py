@@ -111,7 +111,11 @@ def test_generated_pgp_key_meets_googles_rules(generated_pgp: Generated, tmp_pat
         assert int(part[6]) - int(part[5]) == 30 * 86400  # expiry as asked
     assert primary[4] == generated_pgp.fingerprint[-16:]
     gpg(home, "--import", str(generated_pgp.dir / "partner-2027.pub.asc"))
-    prefs = gpg(home, "--edit-key", generated_pgp.fingerprint, "quit").stdout.decode()
+    try:
+        prefs = gpg(home, "--edit-key", generated_pgp.fingerprint, "quit").stdout.decode()
+    finally:  # --edit-key starts an agent in the home: it would outlive the test
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                       capture_output=True, timeout=30, check=False)
     [uid] = [line for line in prefs.splitlines() if line.startswith("uid:")]
     assert uid.split(":")[12].split(",")[0] == "S9 S8 S7 H9 H8 H10 Z2 Z1 Z0"  # AES256, SHA384
     packets = subprocess.run(["gpg", "--list-packets"], input=(
