@@ -436,6 +436,21 @@ async def test_slow_body_and_too_many_headers_are_refused_and_the_gateway_stays_
     assert len(partner.calls) == 1
 
 
+async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  data: bytes) -> int | None:
+    """Send `data` a byte every 0.05 s; the index at which the gateway closed, or None."""
+    for index, byte in enumerate(data):
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            return index
+        if reader.at_eof():
+            return index
+        await asyncio.sleep(0.05)
+    return None
+
+
 async def test_slowloris_heads_and_too_many_connections_are_closed(
     request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path, pki: Pki,
     tmp_path: Path,
@@ -453,18 +468,8 @@ async def test_slowloris_heads_and_too_many_connections_are_closed(
 
         # A head that trickles in, a byte at a time: closed after header_timeout_s.
         reader, writer = await connect()
-        closed_at = None
-        for index, byte in enumerate(b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: x\r\n" * 3):
-            try:
-                writer.write(bytes([byte]))
-                await writer.drain()
-            except (ConnectionError, ssl.SSLError):
-                closed_at = index
-                break
-            if reader.at_eof():
-                closed_at = index
-                break
-            await asyncio.sleep(0.05)
+        closed_at = await trickle(reader, writer,
+                                  b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: x\r\n" * 3)
         assert closed_at is not None and closed_at < 100
         writer.close()
         # Two idle connections fill the listener; a third is closed at once.
@@ -561,18 +566,7 @@ async def test_a_keep_alive_request_head_that_trickles_is_closed(
         writer.write(head % len(sealed) + sealed)
         second = await read_answer(reader)
         # Then a head that trickles in, a byte at a time: closed after header_timeout_s.
-        closed_at = None
-        for index, byte in enumerate(head * 3):
-            try:
-                writer.write(bytes([byte]))
-                await writer.drain()
-            except (ConnectionError, ssl.SSLError):
-                closed_at = index
-                break
-            if reader.at_eof():
-                closed_at = index
-                break
-            await asyncio.sleep(0.05)
+        closed_at = await trickle(reader, writer, head * 3)
         writer.close()
         metrics = gateway.metrics.render().decode()
     assert first[0] == second[0] == 200
