@@ -245,6 +245,8 @@ class ConnectionGuard:
     request is still being answered). Limits are read from the configuration in service when a
     connection opens, so they apply live to new connections."""
 
+    _degraded = False  # set once an aiohttp without a reachable parser has been seen
+
     def __init__(self, route: str, server: web.Server, current: Current,
                  metrics: Metrics) -> None:
         self.route = route
@@ -273,7 +275,14 @@ class ConnectionGuard:
             if parser is not None:
                 setattr(handler, attribute, _HeadMeter(self, limits, handler, transport, parser))
                 return
-        asyncio.get_running_loop().call_later(   # an aiohttp without either: first head only
+        # An aiohttp without either: only the first head's time is bounded. Said once, loudly:
+        # the whole-head size bound and later heads' timeout are then not enforced.
+        if not ConnectionGuard._degraded:
+            ConnectionGuard._degraded = True
+            log.error("this aiohttp hides its HTTP parser: limits.max_header_bytes in all and "
+                      "the header timeout of keep-alive requests are not enforced",
+                      extra={"fields": {"route": self.route}})
+        asyncio.get_running_loop().call_later(
             limits.header_timeout_s, self._check_first_head, handler, transport)
 
     def _check_first_head(self, handler: Any, transport: asyncio.Transport) -> None:
