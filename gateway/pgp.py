@@ -10,16 +10,17 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +114,10 @@ GPG_CPU_SECONDS = 1
 _SESSION_KEY_TAGS = {1, 3}  # public-key and symmetric-key encrypted session key
 _ENCRYPTED_DATA_TAGS = {9, 18, 20}  # SED, SEIPD, AEAD; gpg then refuses all but SEIPD+MDC
 _PASSPHRASE_STATUSES = {"BAD_PASSPHRASE", "MISSING_PASSPHRASE", "INQUIRE_MAXLEN"}
+# gpg's stderr (status lines and messages) one call may produce: a legitimate open says a few
+# kB (a line per recipient and signature, within the caps above); past this gpg is stopped.
+MAX_STDERR_BYTES = 1 << 20
+_PIPE_CHUNK = 64 * 1024
 
 
 @contextlib.contextmanager
@@ -139,7 +144,9 @@ def _env(home: Path) -> dict[str, str]:
 
 class _Status(gnupg.StatusHandler):  # type: ignore[misc]
     """Every status line of one gpg call, in order, plus its stdout and stderr. With
-    `max_signatures`, the gpg process is killed at the NEWSIG line past it (`flooded`)."""
+    `max_signatures`, the gpg process is killed at the NEWSIG line past it (`flooded`); past
+    MAX_STDERR_BYTES of stderr it is killed too (`flooded` and `overflowed`: only a hostile
+    message makes gpg say that much)."""
 
     def __init__(self, gpg: Any, max_signatures: int | None = None) -> None:
         super().__init__(gpg)
@@ -148,10 +155,13 @@ class _Status(gnupg.StatusHandler):  # type: ignore[misc]
         self.stderr = ""
         self.returncode: int | None = None
         self.max_signatures = max_signatures
-        self.cpu_seconds: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.signatures = 0
         self.flooded = False
+        self.overflowed = False
+        self._encoding: str = gpg.encoding
+        self._stderr = bytearray()
+        self._parsed = 0  # bytes of _stderr already split into lines
 
     def handle_status(self, key: str, value: str) -> None:
         if self.flooded:
@@ -159,10 +169,42 @@ class _Status(gnupg.StatusHandler):  # type: ignore[misc]
         self.lines.append((key, value.split()))
         if key == "NEWSIG" and self.max_signatures is not None:
             self.signatures += 1
-            if self.signatures > self.max_signatures and self.process is not None:
-                self.flooded = True
-                with contextlib.suppress(OSError):
-                    self.process.kill()
+            if self.signatures > self.max_signatures:
+                self._flood()
+
+    def _flood(self) -> None:
+        self.flooded = True
+        if self.process is not None:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+
+    def feed_stderr(self, chunk: bytes) -> None:
+        """Take the next bytes of gpg's stderr; act on each status line as it completes (the
+        signature cap must stop gpg while it runs)."""
+        self._stderr += chunk
+        if len(self._stderr) > MAX_STDERR_BYTES:
+            self.overflowed = True
+            self._flood()
+            return
+        end = self._stderr.rfind(b"\n") + 1
+        if end > self._parsed:
+            for line in bytes(self._stderr[self._parsed:end]).splitlines():
+                self._line(line)
+            self._parsed = end
+
+    def close_stderr(self) -> None:
+        """gpg closed its stderr: the last, unterminated line too, then the whole text."""
+        if self._parsed < len(self._stderr) and not self.flooded:
+            self._line(bytes(self._stderr[self._parsed:]))
+        self.stderr = self._stderr.decode(self._encoding, "replace")
+
+    def _line(self, raw: bytes) -> None:
+        # As python-gnupg's _read_response: "[GNUPG:] KEYWORD value" lines are status lines.
+        line = raw.decode(self._encoding, "replace").rstrip()
+        if line.startswith("[GNUPG:] "):
+            keyword, _, value = line[9:].partition(" ")
+            if keyword:
+                self.handle_status(keyword, value.strip())
 
     def has(self, *keywords: str) -> bool:
         return any(key in keywords for key, _ in self.lines)
@@ -174,8 +216,81 @@ class _Status(gnupg.StatusHandler):  # type: ignore[misc]
         return next((i for i, (key, _) in enumerate(self.lines) if key == keyword), default)
 
 
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Make sure `process` is gone and its pipes closed."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _exchange(process: subprocess.Popen[bytes], data: bytes, status: _Status,
+              deadline: float) -> bool:
+    """Write `data` to gpg's stdin and read its stdout and stderr, all in the calling thread,
+    until gpg closes both (python-gnupg starts a writer and two reader threads per call, reads
+    stdout 1 KiB and stderr one decoded line at a time: under load those threads and their GIL
+    hand-offs cost more than the gpg process itself). A gpg that stops reading its input is not
+    an error here: its status lines say why. Returns False if the deadline passed first (gpg is
+    then killed)."""
+    assert process.stdin and process.stdout and process.stderr
+    stdin, stdout, stderr = (process.stdin.fileno(), process.stdout.fileno(),
+                             process.stderr.fileno())
+    poller = select.poll()
+    for fd in (stdout, stderr):
+        os.set_blocking(fd, False)
+        poller.register(fd, select.POLLIN)
+    view, written = memoryview(data), 0
+    if view:
+        os.set_blocking(stdin, False)
+        poller.register(stdin, select.POLLOUT)
+    else:
+        process.stdin.close()
+    out: list[bytes] = []
+    reading = 2
+    while reading or written < len(view):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            process.kill()
+            return False
+        for fd, _ in poller.poll(remaining * 1000):
+            if fd == stdin:
+                try:
+                    written += os.write(stdin, view[written:written + _PIPE_CHUNK])
+                except BrokenPipeError:
+                    written = len(view)
+                except BlockingIOError:
+                    continue
+                if written >= len(view):
+                    poller.unregister(stdin)
+                    process.stdin.close()
+                continue
+            try:
+                chunk = os.read(fd, _PIPE_CHUNK)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                poller.unregister(fd)
+                reading -= 1
+            elif fd == stdout:
+                out.append(chunk)
+            else:
+                status.feed_stderr(chunk)
+    status.close_stderr()
+    status.data = b"".join(out)
+    try:
+        status.returncode = process.wait(max(deadline - time.monotonic(), 0.001))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return False
+    return True
+
+
 class _Watchdog:
-    """Kills one gpg process at its deadline; finish() reaps it whatever happened."""
+    """Kills one gpg process at its deadline; finish() reaps it whatever happened. Only for the
+    calls python-gnupg makes itself (its version probe): ours go through _exchange."""
 
     def __init__(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         self.process = process
@@ -189,24 +304,17 @@ class _Watchdog:
         self.process.kill()
 
     def finish(self) -> bool:
-        """Stop the timer, make sure the process is gone and its pipes closed; True if it
-        had to be killed at the deadline."""
+        """Stop the timer and reap the process; True if it had to be killed at the deadline."""
         self._timer.cancel()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        _reap(self.process)
         return self.fired
 
 
 class _Gpg(gnupg.GPG):  # type: ignore[misc]
     """python-gnupg bound to one home, with a deadline on every gpg process it starts.
 
-    Thread-safe: each call has its own status object, and the watchdog of the process a thread
-    started is kept in thread-local storage."""
+    Thread-safe: each call has its own status object and process; the watchdog of python-gnupg's
+    own calls is kept in thread-local storage."""
 
     def __init__(self, home: Path, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -217,18 +325,6 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
     def _open_subprocess(self, args: Any, passphrase: Any = False) -> Any:
         process = super()._open_subprocess(args, passphrase)
         self._local.watchdog = _Watchdog(process, self.timeout_s)
-        status: _Status | None = getattr(self._local, "status", None)
-        if status is not None:
-            status.process = process
-            if status.cpu_seconds is not None:
-                # gpg has not read its input yet: the limit is in place before any work. Only
-                # RLIMIT_CPU: gpg sets RLIMIT_CORE to 0 itself as it starts (so no core file at
-                # SIGXCPU), and it exits ("can't disable core dumps") when another process
-                # changes that limit between its read and its write (1 in ~3000 opens, found by
-                # bench/soak.py when this also set RLIMIT_CORE).
-                with contextlib.suppress(ProcessLookupError):
-                    resource.prlimit(process.pid, resource.RLIMIT_CPU,
-                                     (status.cpu_seconds, status.cpu_seconds + 1))
         return process
 
     @contextlib.contextmanager
@@ -251,14 +347,25 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
         return code -SIGXCPU past `cpu_seconds` of CPU). Raises EngineError when gpg cannot
         run or misses its deadline."""
         status = _Status(self, max_signatures)
-        status.cpu_seconds = cpu_seconds
-        self._local.status = status
-        # A BrokenPipeError means gpg stopped reading its input; its status lines say why.
-        try:
-            with _engine_errors(), self._deadline(), contextlib.suppress(BrokenPipeError):
-                self._handle_io(list(args), io.BytesIO(data), status, binary=True)
-        finally:
-            self._local.status = None
+        deadline = time.monotonic() + self.timeout_s
+        with _engine_errors():
+            process = super()._open_subprocess(list(args))
+            try:
+                status.process = process
+                if cpu_seconds is not None:
+                    # gpg has not read its input yet: the limit is in place before any work.
+                    # Only RLIMIT_CPU: gpg sets RLIMIT_CORE to 0 itself as it starts (so no core
+                    # file at SIGXCPU), and it exits ("can't disable core dumps") when another
+                    # process changes that limit between its read and its write (1 in ~3000
+                    # opens, found by bench/soak.py when this also set RLIMIT_CORE).
+                    with contextlib.suppress(ProcessLookupError):
+                        resource.prlimit(process.pid, resource.RLIMIT_CPU,
+                                         (cpu_seconds, cpu_seconds + 1))
+                finished = _exchange(process, data, status, deadline)
+            finally:
+                _reap(process)
+        if not finished:
+            raise EngineError(f"gpg did not finish within {self.timeout_s:g} s")
         return status
 
 
@@ -921,6 +1028,9 @@ class PgpEnvelope:
             # Without --batch (and still without a tty: gpg can ask nothing) it checks every
             # signature, then the MDC; that run's status lines decide, by the same rules.
             status = self._run(["--no-batch", *args], message, bounded=True)
+        if status.overflowed:
+            raise MalformedError(f"gpg wrote more than {MAX_STDERR_BYTES} bytes of messages "
+                                 "about the message")
         if status.flooded:
             raise MalformedError(f"more than {MAX_SIGNATURES} signatures")
         if status.returncode == -signal.SIGXCPU:

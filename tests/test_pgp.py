@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from gateway import pgp
 from gateway.config import KeyState, PgpOptions
 from gateway.envelope import CONTENT_TYPES
 from gateway.errors import (
     ConfigError,
     EngineError,
+    MalformedError,
     NoKeyError,
     SignatureError,
     TooLargeError,
@@ -450,3 +452,46 @@ def test_a_gpg_past_its_deadline_is_killed(pgp_envelope: MakeEnvelope) -> None:
     assert [p for p in gpg_processes_under(partner.home, wait_s=0) if "gpg-agent" not in p] == []
     partner._gpg.timeout_s = 10.0
     assert partner.seal(PLAINTEXT).signed_by == ("partner-a",)
+
+
+# gpg's pipes: one thread writes stdin and reads stdout and stderr (pgp._exchange).
+
+
+def test_status_lines_split_across_reads_are_whole(pgp_envelope: MakeEnvelope) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    status = pgp._Status(partner._gpg)
+    text = (b"gpg: some message\n[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG 0123456789ABCDEF A B\n"
+            b"[GNUPG:] VALIDSIG AB CD")
+    for i in range(0, len(text), 5):
+        status.feed_stderr(text[i:i + 5])
+    # The VALIDSIG line has no end yet.
+    assert status.lines == [("NEWSIG", []), ("GOODSIG", ["0123456789ABCDEF", "A", "B"])]
+    status.close_stderr()
+    assert status.lines == [("NEWSIG", []), ("GOODSIG", ["0123456789ABCDEF", "A", "B"]),
+                            ("VALIDSIG", ["AB", "CD"])]
+    assert status.stderr == text.decode()
+
+
+def test_bodies_larger_than_a_pipe_flow_both_ways(pgp_envelope: MakeEnvelope) -> None:
+    # 3 MiB in and out: gpg writes its output while we still write its input (one thread must
+    # not wait on one pipe while gpg waits on the other).
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")],
+                           options=PgpOptions(compression="none"), limit=4 << 20)
+    google = pgp_envelope([("google-a", "sec", "active")], [("partner-a", "pub", "active")],
+                          limit=4 << 20)
+    plaintext = bytes(range(256)) * (3 << 12)
+    assert google.open(partner.seal(plaintext).body).plaintext == plaintext
+
+
+def test_a_gpg_that_says_too_much_is_stopped(
+    pgp_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    google = pgp_envelope([("google-a", "sec", "active")], [("partner-a", "pub", "active")])
+    body = partner.seal(PLAINTEXT).body
+    monkeypatch.setattr(pgp, "MAX_STDERR_BYTES", 200)  # an honest open says ~1 kB
+    with pytest.raises(MalformedError, match="more than 200 bytes of messages"):
+        google.open(body)
+    assert [p for p in gpg_processes_under(google.home, wait_s=0) if "gpg-agent" not in p] == []
+    monkeypatch.undo()
+    assert google.open(body).plaintext == PLAINTEXT
