@@ -1024,7 +1024,7 @@ def _function(frame: str) -> str:
 def _group(name: str) -> str:
     if name == "MainThread":
         return "event loop (MainThread)"
-    if name.startswith("crypto"):
+    if name.startswith(("crypto", "gpg")):
         return "crypto executor threads"
     return "other threads"
 

@@ -46,10 +46,15 @@ class Gateway:
         self.worker = worker
         self.workdir = workdir
         self.metrics = metrics
-        # One crypto thread per slot: RSA in `cryptography` and gpg subprocesses run outside
-        # the GIL, so slots = cores keeps every core busy without oversubscribing it.
+        # One crypto thread per slot: RSA in `cryptography` runs outside the GIL, so slots =
+        # cores keeps every core busy without oversubscribing it. GnuPG calls wait on gpg and
+        # its agent (two processes, one after the other, plus a process start): one more
+        # thread (and GnuPG home) than slots fills the gaps (bench/README.md).
         self.slots = slots
+        self.gpg_slots = gpg_slots(slots)
         self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="crypto")
+        self.gpg_executor = ThreadPoolExecutor(max_workers=self.gpg_slots,
+                                               thread_name_prefix="gpg")
         self.current = Current(snapshot, self._retire)
         self.inflight = Inflight()
         self.draining = False
@@ -64,7 +69,8 @@ class Gateway:
         self._watching = False
         self.reloader = Reloader(
             snapshot.config.path, self.current,
-            lambda config, generation: build_snapshot(config, generation, workdir, slots),
+            lambda config, generation: build_snapshot(config, generation, workdir,
+                                                      gpg_slots(slots)),
             metrics, on_swap=self._describe)
         self._describe(snapshot)
 
@@ -102,8 +108,9 @@ class Gateway:
             await admin_site.start()
             self.admin = _bound(admin_site)
         for name, route in self.current.snapshot.routes.items():
-            proxy = Proxy(name, self.current, self._session, self.executor, self.metrics,
-                          self.inflight, draining=lambda: self.draining)
+            proxy = Proxy(name, self.current, self._session, self.executor,
+                          self.gpg_executor, self.metrics, self.inflight,
+                          draining=lambda: self.draining)
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", proxy.handle)
             runner = web.AppRunner(
@@ -182,6 +189,7 @@ class Gateway:
         self.current.close()
         await asyncio.gather(*self._closing)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.gpg_executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def _measure_loop_lag(self, period: float = 0.25) -> None:
@@ -413,7 +421,7 @@ async def build_gateway(config: Config, metrics: Metrics | None = None,
     # The cores are shared among the workers: as many crypto threads in all as cores.
     slots = max(1, crypto_slots() // (config.workers if worker is not None else 1))
     try:
-        snapshot = await asyncio.to_thread(build_snapshot, config, 1, workdir, slots)
+        snapshot = await asyncio.to_thread(build_snapshot, config, 1, workdir, gpg_slots(slots))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -422,8 +430,16 @@ async def build_gateway(config: Config, metrics: Metrics | None = None,
 
 
 def crypto_slots() -> int:
-    """Crypto threads (and GnuPG homes per PGP route) for this process: the usable cores."""
+    """Crypto threads for this process: the usable cores."""
     return usable_cores()
+
+
+def gpg_slots(slots: int) -> int:
+    """GnuPG threads, and GnuPG homes (each with its agent) per gnupg-engine route, beside
+    `slots` crypto threads: one more, because a gpg call leaves its core idle while it starts
+    and while gpg and its agent wait on each other (3 instead of 2 on 2 cores: 0.73-0.84 ->
+    0.81-0.92 of the gpg ceiling, bench/README.md)."""
+    return slots + 1
 
 
 async def serve(config_path: Path) -> int:

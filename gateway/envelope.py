@@ -55,6 +55,9 @@ class Envelope(Protocol):
     scheme: str
     own: Keyset
     peer: Keyset
+    # True when the work is done by other processes (gpg and its agent) while the calling
+    # thread waits: such calls run in an executor with more threads than cores.
+    waits_on_processes: bool
 
     @property
     def content_type(self) -> str: ...
@@ -86,6 +89,7 @@ class EnvelopePool:
         for envelope in self._all:
             self._free.put(envelope)
         self.scheme = self._all[0].scheme
+        self.waits_on_processes = self._all[0].waits_on_processes
         self.own = self._all[0].own
         self.peer = self._all[0].peer
 

@@ -358,6 +358,7 @@ class JoseEnvelope:
     Open: the reverse, with the route's accept-lists. Thread-safe; holds no mutable state."""
 
     scheme = "jose"
+    waits_on_processes = False
 
     def __init__(
         self, own: Keyset, peer: Keyset, options: JoseOptions, *, max_plaintext_bytes: int

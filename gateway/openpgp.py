@@ -1139,6 +1139,7 @@ class NativePgpEnvelope:
     resources; thread-safe (nothing changes after construction)."""
 
     scheme = "pgp"
+    waits_on_processes = False
 
     def __init__(
         self, own: Keyset, peer: Keyset, options: PgpOptions, *, max_plaintext_bytes: int

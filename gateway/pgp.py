@@ -898,6 +898,7 @@ class PgpEnvelope:
     (public) only, so a disabled key can never decrypt. Thread-safe."""
 
     scheme = "pgp"
+    waits_on_processes = True
 
     def __init__(
         self,

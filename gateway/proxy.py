@@ -104,6 +104,7 @@ class Proxy:
         current: Current,
         session: aiohttp.ClientSession,
         executor: Executor,
+        gpg_executor: Executor,
         metrics: Metrics,
         inflight: Inflight,
         draining: Callable[[], bool] = lambda: False,
@@ -112,6 +113,7 @@ class Proxy:
         self.current = current
         self.session = session
         self.executor = executor
+        self.gpg_executor = gpg_executor
         self.metrics = metrics
         self.inflight = inflight
         self.draining = draining
@@ -207,9 +209,9 @@ class Proxy:
             if "request_id" not in record:
                 # One executor job, not two: the requestId is read beside the first crypto op.
                 result, record["request_id"] = await self._run(
-                    partial(_with_request_id, function), data)
+                    route, partial(_with_request_id, function), data)
             else:
-                result = await self._run(function, data)
+                result = await self._run(route, function, data)
         except (EnvelopeError, EngineError) as exc:
             self._crypto_failure(route, op, exc)
             raise Failure(_status_for(exc, route.config.direction, op), exc.reason,
@@ -268,8 +270,9 @@ class Proxy:
         status = 504 if isinstance(exc, UpstreamTimeout) else 502
         return Failure(status, exc.reason, "response")
 
-    async def _run(self, function: Callable[[bytes], T], data: bytes) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, data)
+    async def _run(self, route: RouteRuntime, function: Callable[[bytes], T], data: bytes) -> T:
+        executor = self.gpg_executor if route.envelope.waits_on_processes else self.executor
+        return await asyncio.get_running_loop().run_in_executor(executor, function, data)
 
     def _crypto_failure(self, route: RouteRuntime, op: str, exc: GatewayError) -> None:
         reason = exc.reason if isinstance(exc, EnvelopeError) else None

@@ -9,15 +9,26 @@ import re
 import signal
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from tests.e2e import ANSWER, REQUEST, JoseGoogle, Pki, config, post, running_gateway
+from tests.e2e import (
+    ANSWER,
+    REQUEST,
+    JoseGoogle,
+    Pki,
+    config,
+    google_for,
+    post,
+    running_gateway,
+)
 from tests.jose_fixtures import JoseKeys, NodeJose
 from tests.peers import StandIn, json_answer, slow
 
@@ -192,3 +203,41 @@ async def test_admin_answers_while_every_crypto_slot_is_busy(
     assert statuses == [200] * (gateway.slots + 2)
     assert pending == gateway.slots + 2
     assert "gateway_event_loop_lag_seconds_count" in metrics
+
+
+def recording(function: Callable[[bytes], Any], names: list[str]) -> Callable[[bytes], Any]:
+    """`function`, noting the name of each thread that calls it."""
+    def spy(data: bytes) -> Any:
+        names.append(threading.current_thread().name)
+        return function(data)
+    return spy
+
+
+@pytest.mark.parametrize(("kind", "threads"), [
+    ("jose", "crypto"), ("pgp-native", "crypto"), ("pgp", "gpg"),
+])
+async def test_each_engine_runs_in_its_executor(
+    kind: str, threads: str, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In-process crypto (jwcrypto, the native engine) on `slots` crypto threads; gpg calls,
+    which wait on gpg and its agent, on `slots + 1` gpg threads, each with its GnuPG home."""
+    google = google_for(request, kind)
+    partner = await StandIn(json_answer(ANSWER)).start()
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    names: list[str] = []
+    try:
+        async with running_gateway(tmp_path, config(google, runtime_dir, pki,
+                                                    inbound_url=partner.url)) as gateway:
+            envelope = gateway.current.snapshot.routes["in"].envelope
+            for op in ("open", "seal"):
+                monkeypatch.setattr(envelope, op, recording(getattr(envelope, op), names))
+            answers = await asyncio.gather(*(post(gateway, "in", sealed,
+                                                  ctx=pki.client_context()) for _ in range(8)))
+            homes = len(getattr(envelope, "_all", ()))
+    finally:
+        await partner.stop()
+    assert [status for status, _, _ in answers] == [200] * 8
+    assert len(names) == 16 and all(n.startswith(f"{threads}_") for n in names)
+    assert gateway.gpg_slots == gateway.slots + 1
+    assert homes == (gateway.gpg_slots if kind == "pgp" else 0)

@@ -387,10 +387,10 @@ async def test_fifty_reloads_leave_only_the_current_gnupg_homes_and_agents(
         assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
         await asyncio.sleep(0.2)  # let retired homes close
         [workdir] = list(runtime_dir.iterdir())
-        homes = [f"g51r0s{slot}" for slot in range(gateway.slots)]
+        homes = [f"g51r0s{slot}" for slot in range(gateway.gpg_slots)]
         assert sorted(p.name for p in workdir.iterdir()) == homes
         agents = [c for c in gpg_processes_under(runtime_dir, wait_s=2) if "gpg-agent" in c]
-        assert len(agents) == gateway.slots
+        assert len(agents) == gateway.gpg_slots
         assert all(any(f"/{home}" in agent for home in homes) for agent in agents)
     assert gpg_processes_under(runtime_dir) == []
     assert list(runtime_dir.iterdir()) == []
