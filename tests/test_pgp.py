@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -495,3 +496,25 @@ def test_a_gpg_that_says_too_much_is_stopped(
     assert [p for p in gpg_processes_under(google.home, wait_s=0) if "gpg-agent" not in p] == []
     monkeypatch.undo()
     assert google.open(body).plaintext == PLAINTEXT
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_a_gpg_that_closes_its_pipes_but_lingers_is_killed_at_the_deadline(
+    pgp_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    if not pidfd:  # a kernel without pidfd_open: Popen's own wait with a timeout
+        monkeypatch.delattr(pgp.os, "pidfd_open")
+    status = pgp._Status(partner._gpg)
+    stands_in = subprocess.Popen(
+        ["sh", "-c", "echo '[GNUPG:] NEWSIG' >&2; exec >&- 2>&-; sleep 30"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        started = time.monotonic()
+        assert not pgp._exchange(stands_in, b"input", status, time.monotonic() + 0.5)
+        assert time.monotonic() - started < 10  # not the 30 s of its sleep
+        assert stands_in.wait(5) == -9  # killed
+        assert status.lines == [("NEWSIG", [])]
+    finally:
+        pgp._reap(stands_in)
+    assert partner.seal(PLAINTEXT).signed_by == ("partner-a",)  # and a real gpg exits in time
