@@ -7,7 +7,6 @@ import base64
 import dataclasses
 import hashlib
 import os
-import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -42,9 +41,12 @@ from tests.test_openpgp import (  # noqa: F401
     native_keyset,
     partial,
 )
+from tests.work_count import count_calls, count_inflated
 
 SECRET = b'{"cardNumber": "4111111111111111"}'
 MakeNative = Callable[..., NativePgpEnvelope]
+# Packets one level of the signed message may hold: one-pass, signature and literal packets.
+LEVEL_CAP = 2 * openpgp.MAX_SIGNATURES + 1
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +242,16 @@ def test_a_few_session_keys_that_fail_are_tried(partner: NativePgpEnvelope, good
 
 
 def test_a_flood_of_session_keys_is_refused_at_once(
-    partner: NativePgpEnvelope, good: bytes
+    partner: NativePgpEnvelope, good: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Reading stops at the first session-key packet past the cap: the rest of the thousand are
+    never parsed, and none costs an RSA decryption."""
     body = _bogus_session_keys(good, 1000)
-    started = time.monotonic()
+    packets = count_calls(monkeypatch, openpgp, "_next_packet")
+    unwrapped = count_calls(monkeypatch, openpgp, "_unwrap")
     refused(partner, body, MalformedError)
-    assert time.monotonic() - started < 0.2
+    assert len(packets) <= openpgp.MAX_SESSION_KEY_PACKETS + 1
+    assert unwrapped == []
 
 
 def test_hidden_recipients_and_armor_headers(
@@ -275,33 +281,44 @@ def _bomb_message(craft: Craft, algo: int, size: int, depth: int = 1) -> bytes: 
     return b64url(craft.encrypt(inner))
 
 
+def assert_inflated_within_the_cap(inflated: list[int], partner: NativePgpEnvelope,
+                                   levels: int = 1) -> None:
+    """Each compressed level made at most one byte more than the decompression cap (the
+    plaintext limit and room for the packets beside it): not what the bomb holds."""
+    cap = partner.max_plaintext_bytes + openpgp._INNER_SLACK
+    assert 0 < len(inflated) <= levels, inflated
+    assert max(inflated) <= cap + 1, f"{max(inflated)} bytes inflated"
+
+
 @pytest.mark.parametrize(("algo", "depth"), [(1, 1), (2, 1), (3, 1), (2, 2)])
 def test_compression_bombs(
-    native_envelope: MakeNative, craft: Craft, algo: int, depth: int  # noqa: F811
+    native_envelope: MakeNative, craft: Craft, algo: int, depth: int,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")],
                               limit=100_000)
     body = _bomb_message(craft, algo, 30_000_000, depth)
     assert len(body) < 200_000
+    inflated = count_inflated(monkeypatch, openpgp)
     tracemalloc.start()
-    started = time.monotonic()
     try:
         refused(partner, body, TooLargeError)
-        elapsed = time.monotonic() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 1.0
+    assert_inflated_within_the_cap(inflated, partner, depth)
     assert peak < 4_000_000  # the body, the decrypted data, the capped output: not 30 MB
 
 
-def test_a_bomb_from_gpg(native_envelope: MakeNative, gpg_peer: GpgPeer) -> None:  # noqa: F811
+def test_a_bomb_from_gpg(
+    native_envelope: MakeNative, gpg_peer: GpgPeer, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
     partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
     body = gpg_peer.seal(bytes(20_000_000), ["google-a"], ["partner-a"], compress="zlib",
                          extra_args=["-z", "9"])
-    started = time.monotonic()
+    inflated = count_inflated(monkeypatch, openpgp)
     refused(partner, body, TooLargeError)
-    assert time.monotonic() - started < 1.0
+    assert_inflated_within_the_cap(inflated, partner)
 
 
 def test_compression_nested_too_deep(partner: NativePgpEnvelope, craft: Craft) -> None:  # noqa: F811
@@ -366,7 +383,9 @@ def test_partial_and_indeterminate_lengths_are_read(
         assert partner.open(b64url(body)).plaintext == SECRET * 40
 
 
-def test_partial_chunks_are_capped(native_envelope: MakeNative, craft: Craft) -> None:  # noqa: F811
+def test_partial_chunks_are_capped(
+    native_envelope: MakeNative, craft: Craft, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
     """openpgp.MAX_PARTIAL_CHUNKS a packet: 1-octet chunks (two body octets for each one of
     data) would cost a list entry each, seconds and ~70 MB for a 2 MB body."""
     partner = native_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
@@ -383,15 +402,18 @@ def test_partial_chunks_are_capped(native_envelope: MakeNative, craft: Craft) ->
     body = message(0)
     assert len(body) < partner.max_body_bytes
     tracemalloc.start()
-    started = time.monotonic()
     try:
         refused(partner, body, MalformedError)
-        elapsed = time.monotonic() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 2
     assert peak < 10_000_000
+    # Counted apart from the memory: the record of each call would weigh in the peak.
+    lengths = count_calls(monkeypatch, openpgp, "_length")  # one a chunk (or a whole packet)
+    refused(partner, body, MalformedError)
+    # The session-key packet's length, then the encrypted packet's chunks up to the cap: not
+    # the ~400,000 chunks it is sent in.
+    assert len(lengths) <= 1 + openpgp.MAX_PARTIAL_CHUNKS
 
 
 @pytest.mark.parametrize(("name", "mangle", "error"), [
@@ -596,7 +618,10 @@ def test_too_many_signatures(partner: NativePgpEnvelope, craft: Craft) -> None: 
 
 
 @pytest.mark.parametrize("flood", ["signatures", "one-pass packets"])
-def test_floods_of_packets(partner: NativePgpEnvelope, craft: Craft, flood: str) -> None:  # noqa: F811
+def test_floods_of_packets(
+    partner: NativePgpEnvelope, craft: Craft, flood: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Compressed, a million packets are refused at the decompression cap (the gnupg engine
     stops gpg at its CPU cap instead: 400); a hundred, uncompressed, by count. No RSA work."""
     sig = craft.sig("google-a", SECRET)
@@ -608,10 +633,19 @@ def test_floods_of_packets(partner: NativePgpEnvelope, craft: Craft, flood: str)
                 + craft.literal(SECRET) + sig)
 
     for n, compressed, error in ((1_000_000, True, TooLargeError), (100, False, MalformedError)):
-        data = craft.compressed(2, inner(n)) if compressed else inner(n)
-        started = time.monotonic()
-        refused(partner, b64url(craft.encrypt(data)), error)
-        assert time.monotonic() - started < 2
+        body = b64url(craft.encrypt(craft.compressed(2, inner(n)) if compressed else inner(n)))
+        with monkeypatch.context() as spying:
+            packets = count_calls(spying, openpgp, "_next_packet")
+            inflated = count_inflated(spying, openpgp)
+            unwrapped = count_calls(spying, openpgp, "_unwrap")
+            verified = count_calls(spying, openpgp, "_rsa_verify")
+            refused(partner, body, error)
+        # The session-key and encrypted packets, then one level's packets up to its cap and the
+        # two that _level reads past it before it refuses: not the n sent.
+        assert len(packets) <= 2 + LEVEL_CAP + 2 < n
+        if compressed:
+            assert_inflated_within_the_cap(inflated, partner)
+        assert (len(unwrapped), len(verified)) == (1, 0)  # the session key; no signature
 
 
 @pytest.mark.parametrize(("name", "inner", "error"), [
