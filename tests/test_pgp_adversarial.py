@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import os
-import time
+import resource
+import signal
+import subprocess
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -31,6 +34,7 @@ from tests.test_openpgp import (  # noqa: F401
     native_keyset,
     partial,
 )
+from tests.work_count import Call, count_calls
 
 SECRET = b'{"cardNumber": "4111111111111111"}'
 MakeEnvelope = Callable[..., PgpEnvelope]
@@ -58,6 +62,34 @@ def refused(partner: PgpEnvelope, body: bytes, error: type[EnvelopeError]) -> En
     assert type(caught.value) is error, repr(caught.value)
     assert b"4111" not in str(caught.value).encode()
     return caught.value
+
+
+# The work of gpg itself cannot be counted from here: what a test can count is the gpg runs the
+# engine starts (each with its arguments, limits and status), the kills it sends, and the limits
+# it sets on each process.
+
+
+def gpg_runs(monkeypatch: pytest.MonkeyPatch, envelope: PgpEnvelope) -> list[Call]:
+    """Every gpg run `envelope` starts from now on; each Call's result is its pgp._Status."""
+    return count_calls(monkeypatch, envelope._gpg, "run")
+
+
+def gpg_kills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pid of each gpg process the engine kills from now on (once a kill() call)."""
+    kills: list[int] = []
+
+    class Popen(subprocess.Popen[bytes]):
+        def kill(self) -> None:
+            kills.append(self.pid)
+            super().kill()
+
+    monkeypatch.setattr(pgp, "subprocess", SimpleNamespace(**{**vars(subprocess), "Popen": Popen}))
+    return kills
+
+
+def exited_by_itself(status: pgp._Status) -> bool:
+    """gpg ended on its own: not by a signal (the CPU limit, a kill at the deadline or cap)."""
+    return status.returncode is not None and status.returncode >= 0
 
 
 def test_the_good_message_opens(partner: PgpEnvelope, good: bytes) -> None:
@@ -206,11 +238,14 @@ def test_a_few_session_keys_that_fail_are_tried(partner: PgpEnvelope, good: byte
     assert partner.open(_bogus_session_keys(good, 3)).plaintext == SECRET
 
 
-def test_a_flood_of_session_keys_is_refused_before_gpg(partner: PgpEnvelope, good: bytes) -> None:
+def test_a_flood_of_session_keys_is_refused_before_gpg(
+    partner: PgpEnvelope, good: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     body = _bogus_session_keys(good, 1000)  # gpg would spend ~2 ms of RSA on each
-    started = time.monotonic()
-    refused(partner, body, MalformedError)
-    assert time.monotonic() - started < 0.5
+    runs = gpg_runs(monkeypatch, partner)
+    error = refused(partner, body, MalformedError)
+    assert "session-key packets" in str(error)
+    assert runs == []  # no gpg, so no RSA decryption asked of it
 
 
 def test_hidden_recipients_and_armor_headers(partner: PgpEnvelope, gpg_peer: GpgPeer) -> None:
@@ -220,17 +255,30 @@ def test_hidden_recipients_and_armor_headers(partner: PgpEnvelope, gpg_peer: Gpg
     assert partner.open(body).decrypted_by == ("partner-a",)
 
 
+def assert_stopped_at_max_output(partner: PgpEnvelope, runs: list[Call]) -> None:
+    """One gpg run, told --max-output of the plaintext cap + 1, which gpg itself stopped at
+    (its own error, its own exit: not the CPU limit, not a kill), having handed over no more:
+    the bomb cost the cap's worth of inflating, not what it holds."""
+    cap = partner.max_plaintext_bytes + 1
+    [run] = runs
+    assert run.args[0][:2] == ["--max-output", str(cap)]
+    status: pgp._Status = run.result
+    assert pgp._MAX_OUTPUT_HIT.search(status.stderr), status.stderr[-500:]
+    assert exited_by_itself(status), status.returncode
+    assert len(status.data) <= cap
+
+
 @pytest.mark.parametrize("algo", ["zlib", "bzip2"])
 def test_compression_bomb(
-    pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer, algo: str
+    pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer, algo: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
     body = gpg_peer.seal(bytes(50_000_000), ["google-a"], ["partner-a"], compress=algo,
                          extra_args=["-z", "9"])
     assert len(body) < 100_000
-    started = time.monotonic()
+    runs = gpg_runs(monkeypatch, partner)
     refused(partner, body, TooLargeError)
-    assert time.monotonic() - started < 5
+    assert_stopped_at_max_output(partner, runs)
 
 
 def test_just_over_the_limit_uncompressed(pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer) -> None:
@@ -246,20 +294,13 @@ def test_a_session_key_that_does_not_decrypt_costs_the_data_work(
 ) -> None:
     """gpg stops at a bad session key but decrypts and hashes all the data before a bad MDC;
     the engine does that work in vain in the first case, so time tells neither apart."""
-    calls: list[int] = []
-    real = pgp._decrypt_in_vain
-
-    def spy(message: bytes) -> None:
-        calls.append(len(message))
-        real(message)
-
-    monkeypatch.setattr(pgp, "_decrypt_in_vain", spy)
+    calls = count_calls(monkeypatch, pgp, "_decrypt_in_vain")
     key = os.urandom(32)
     pk = bytearray(craft.pkesk("partner-a", key))
     pk[-20] ^= 0x55
     seipd = craft.seipd(key, craft.signed(SECRET * 100, ["google-a"]))
     refused(partner, b64url(bytes(pk) + seipd), DecryptError)
-    assert calls == [len(pk) + len(seipd)]
+    assert [len(call.args[0]) for call in calls] == [len(pk) + len(seipd)]
     altered = bytearray(craft.encrypt(craft.signed(SECRET * 100, ["google-a"])))
     altered[-5] ^= 0x01
     refused(partner, b64url(bytes(altered)), DecryptError)
@@ -323,7 +364,9 @@ def test_a_bad_signature_never_excuses_altered_data(
 # Bounds on the work one message may ask of gpg.
 
 
-def test_signatures_are_capped(partner: PgpEnvelope, craft: Craft) -> None:  # noqa: F811
+def test_signatures_are_capped(
+    partner: PgpEnvelope, craft: Craft, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
     """At most pgp.MAX_SIGNATURES signatures, one-pass or not: gpg is stopped at the status
     line announcing one more, before it checks it."""
     limit, stranger = pgp.MAX_SIGNATURES, craft.sig("stranger", SECRET)
@@ -334,15 +377,22 @@ def test_signatures_are_capped(partner: PgpEnvelope, craft: Craft) -> None:  # n
     for inner in (stranger * limit + craft.sig("google-a", SECRET) + craft.literal(SECRET),
                   _signed(craft, [*one_pass, ("google-a", False)]),
                   craft.sig("google-a", SECRET) * 5000 + craft.literal(SECRET)):
-        started = time.monotonic()
-        error = refused(partner, b64url(craft.encrypt(inner)), MalformedError)
+        body = b64url(craft.encrypt(inner))
+        with monkeypatch.context() as spying:
+            runs, kills = gpg_runs(spying, partner), gpg_kills(spying)
+            error = refused(partner, body, MalformedError)
         assert "more than 32 signatures" in str(error)
-        assert time.monotonic() - started < 2
+        # One run (no second one without --batch), stopped at the NEWSIG line past the cap:
+        # killed then, whatever signatures are left to check (5000 in the last message).
+        [run] = runs
+        status: pgp._Status = run.result
+        assert status.flooded and status.signatures == limit + 1
+        assert status.process is not None and status.process.pid in kills
 
 
 @pytest.mark.parametrize("flood", ["signatures", "one-pass packets"])
 def test_a_compressed_flood_of_packets_costs_at_most_the_cpu_cap(
-    partner: PgpEnvelope, craft: Craft, flood: str  # noqa: F811
+    partner: PgpEnvelope, craft: Craft, flood: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """A million packets compressed into a small message: gpg parses them all before the
     first NEWSIG (unbounded: it ran to its 10 s deadline), so RLIMIT_CPU stops it."""
@@ -352,14 +402,25 @@ def test_a_compressed_flood_of_packets_costs_at_most_the_cpu_cap(
              + craft.literal(SECRET) + sig)
     body = b64url(craft.encrypt(craft.compressed(2, inner)))
     assert len(body) < 2_500_000
-    started = time.monotonic()
+    runs = gpg_runs(monkeypatch, partner)
+    limits = count_calls(monkeypatch, pgp.resource, "prlimit")
     error = refused(partner, body, MalformedError)
     assert "of CPU" in str(error)
-    assert time.monotonic() - started < 5  # ~1 s of CPU; generous for a loaded machine
+    # One gpg run, limited to the envelope's CPU seconds before it read anything, and ended by
+    # that limit's signal: at most that much CPU, whatever the message holds.
+    [run] = runs
+    status: pgp._Status = run.result
+    assert status.process is not None
+    cpu = partner.cpu_seconds
+    assert (run.kwargs["cpu_seconds"], cpu) == (cpu, pgp.GPG_CPU_SECONDS)
+    assert [c.args for c in limits] == [(status.process.pid, resource.RLIMIT_CPU, (cpu, cpu + 1))]
+    assert status.returncode == -signal.SIGXCPU
     assert [p for p in gpg_processes_under(partner.home) if "gpg-agent" not in p] == []
 
 
-def test_nested_compression(partner: PgpEnvelope, craft: Craft) -> None:  # noqa: F811
+def test_nested_compression(
+    partner: PgpEnvelope, craft: Craft, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
     """gpg reads a few levels (the native engine: openpgp.MAX_NESTING) and refuses deep
     nesting itself, quickly."""
     inner = craft.signed(SECRET, ["google-a"])
@@ -367,22 +428,25 @@ def test_nested_compression(partner: PgpEnvelope, craft: Craft) -> None:  # noqa
         inner = craft.compressed(2, inner)
         if depth in (2, 9):
             assert partner.open(b64url(craft.encrypt(inner))).plaintext == SECRET
-    started = time.monotonic()
-    refused(partner, b64url(craft.encrypt(inner)), MalformedError)
-    assert time.monotonic() - started < 2
+    body = b64url(craft.encrypt(inner))
+    runs = gpg_runs(monkeypatch, partner)
+    refused(partner, body, MalformedError)
+    # Itself: one run that gpg ended on its own, not one stopped by the CPU limit.
+    [run] = runs
+    assert exited_by_itself(run.result), run.result.returncode
 
 
 def test_a_compression_bomb_inside_nested_compression(
-    partner: PgpEnvelope, craft: Craft  # noqa: F811
+    partner: PgpEnvelope, craft: Craft, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     inner = craft.signed(bytes(30_000_000), ["google-a"])
     for _ in range(3):
         inner = craft.compressed(2, inner)
     body = b64url(craft.encrypt(inner))
     assert len(body) < 100_000
-    started = time.monotonic()
+    runs = gpg_runs(monkeypatch, partner)
     refused(partner, body, TooLargeError)
-    assert time.monotonic() - started < 5
+    assert_stopped_at_max_output(partner, runs)
 
 
 def _packet_body(packet: bytes) -> bytes:
@@ -399,15 +463,18 @@ def test_partial_lengths_are_read_where_gpg_writes_them(
     assert partner.open(b64url(body)).plaintext == SECRET * 40
 
 
-@pytest.mark.parametrize(("name", "error"), [
-    ("partial length on a session-key packet", MalformedError),
-    ("session-key length past the end", MalformedError),
-    ("encrypted data declared 4 GiB long", DecryptError),
-    ("encrypted data with a partial chunk and nothing after", DecryptError),
+@pytest.mark.parametrize(("name", "error", "gpg_started"), [
+    ("partial length on a session-key packet", MalformedError, 0),
+    ("session-key length past the end", MalformedError, 0),
+    ("encrypted data declared 4 GiB long", DecryptError, 1),
+    ("encrypted data with a partial chunk and nothing after", DecryptError, 1),
 ])
 def test_bad_and_huge_packet_lengths(
-    partner: PgpEnvelope, craft: Craft, name: str, error: type[EnvelopeError]  # noqa: F811
+    partner: PgpEnvelope, craft: Craft, name: str, error: type[EnvelopeError],  # noqa: F811
+    gpg_started: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Broken session-key packets are refused before gpg; a huge or unfinished encrypted
+    packet is gpg's to refuse, which it does on its own (no limit of ours has to stop it)."""
     key = os.urandom(32)
     pk = craft.pkesk("partner-a", key)
     data = craft.seipd(key, craft.signed(SECRET * 2000, ["google-a"]))
@@ -419,9 +486,10 @@ def test_bad_and_huge_packet_lengths(
         "encrypted data with a partial chunk and nothing after":
             pk + b"\xd2\xef" + data[6:6 + 32768],
     }[name]
-    started = time.monotonic()
+    runs = gpg_runs(monkeypatch, partner)
     refused(partner, b64url(message), error)
-    assert time.monotonic() - started < 2
+    assert len(runs) == gpg_started
+    assert all(exited_by_itself(run.result) for run in runs), [r.result.returncode for r in runs]
 
 
 def test_session_key_packets_are_capped(partner: PgpEnvelope, good: bytes) -> None:
