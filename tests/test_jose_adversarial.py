@@ -755,20 +755,11 @@ def test_a_key_that_does_not_unwrap_costs_a_content_decryption(
     between the key layer and the content layer); both are DecryptError."""
     from jwcrypto.jwa import JWA
 
-    decrypted: list[int] = []
-    content = type(JWA.encryption_alg("A256GCM"))
-    real = content.decrypt
-
-
-    def spy(self: Any, cek: bytes, *args: Any) -> Any:
-        decrypted.append(len(cek))
-        return real(self, cek, *args)
-
-    monkeypatch.setattr(content, "decrypt", spy)
+    calls = count_calls(monkeypatch, type(JWA.encryption_alg("A256GCM")), "decrypt")
     inner = signed(jose_keys)
     refused(jose_partner, to_partner(jose_keys, inner, recipient="stranger-enc"), DecryptError)
-    assert decrypted == [32]
+    assert [len(call.args[1]) for call in calls] == [32]  # (self, cek, ...): a 256-bit key
     body = to_partner(jose_keys, inner)
     refused(jose_partner, replace_part(body, 4, flip_first(body.decode().split(".")[4])),
             DecryptError)
-    assert decrypted == [32, 32]
+    assert [len(call.args[1]) for call in calls] == [32, 32]
