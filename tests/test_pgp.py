@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import select
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -498,6 +502,31 @@ def test_a_gpg_that_says_too_much_is_stopped(
     assert google.open(body).plaintext == PLAINTEXT
 
 
+def waits_of(monkeypatch: pytest.MonkeyPatch, process: subprocess.Popen[bytes]) -> list[float]:
+    """The timeout, in seconds, of every wait pgp blocks in from now on: poll() on gpg's pipes
+    or its pidfd, `process`.wait() where the kernel has no pidfd (inf: a wait without end)."""
+    waits: list[float] = []
+
+    class Poll:
+        def __init__(self) -> None:
+            self._poll = select.poll()
+            self.register, self.unregister = self._poll.register, self._poll.unregister
+
+        def poll(self, timeout_ms: float | None = None) -> list[tuple[int, int]]:
+            waits.append(math.inf if timeout_ms is None or timeout_ms < 0 else timeout_ms / 1000)
+            return self._poll.poll(timeout_ms)
+
+    monkeypatch.setattr(pgp, "select", SimpleNamespace(**{**vars(select), "poll": Poll}))
+    wait = process.wait
+
+    def timed_wait(timeout: float | None = None) -> int:
+        waits.append(math.inf if timeout is None else timeout)
+        return wait(timeout)
+
+    monkeypatch.setattr(process, "wait", timed_wait)
+    return waits
+
+
 @pytest.mark.parametrize("pidfd", [True, False])
 def test_a_gpg_that_closes_its_pipes_but_lingers_is_killed_at_the_deadline(
     pgp_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch, pidfd: bool
@@ -510,10 +539,13 @@ def test_a_gpg_that_closes_its_pipes_but_lingers_is_killed_at_the_deadline(
         ["sh", "-c", "echo '[GNUPG:] NEWSIG' >&2; exec >&- 2>&-; sleep 30"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        started = time.monotonic()
-        assert not pgp._exchange(stands_in, b"input", status, time.monotonic() + 0.5)
-        assert time.monotonic() - started < 10  # not the 30 s of its sleep
-        assert stands_in.wait(5) == -9  # killed
+        with monkeypatch.context() as spying:
+            waits = waits_of(spying, stands_in)
+            assert not pgp._exchange(stands_in, b"input", status, time.monotonic() + 0.5)
+        # Every wait ended by the deadline, half a second away: none waited for the process
+        # to end (the 30 s of its sleep), which was killed instead.
+        assert waits and max(waits) <= 0.5, waits
+        assert stands_in.wait() == -signal.SIGKILL
         assert status.lines == [("NEWSIG", [])]
     finally:
         pgp._reap(stands_in)
