@@ -13,11 +13,11 @@ import json
 import logging
 import socket
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -86,16 +86,11 @@ class Rig:
     def good(self) -> Behaviour:
         return raw_answer(self.answer, self.answer_type)
 
-    async def call(self) -> tuple[int, dict[str, str], bytes, float]:
-        started = time.perf_counter()
+    async def call(self) -> tuple[int, dict[str, str], bytes]:
         if self.direction == "inbound":
-            status, headers, body = await post(self.gateway, "in", self.sealed_request,
-                                               ctx=self.pki.client_context(),
-                                               path="/cards-qr-v1/transfer")
-        else:
-            status, headers, body = await post(self.gateway, "out", REQUEST,
-                                               path="/cards-qr-v1/echo/PIAID-1")
-        return status, headers, body, time.perf_counter() - started
+            return await post(self.gateway, "in", self.sealed_request,
+                              ctx=self.pki.client_context(), path="/cards-qr-v1/transfer")
+        return await post(self.gateway, "out", REQUEST, path="/cards-qr-v1/echo/PIAID-1")
 
     def metric(self, name: str, **labels: str) -> float:
         text = self.gateway.metrics.render().decode()
@@ -136,7 +131,7 @@ class Rig:
         self.peer.ssl_context = self.good_tls
         labels = {"route": self.route, "direction": self.direction, "code": "200"}
         before = self.metric("gateway_requests_total", **labels)
-        status, headers, body, _ = await self.call()
+        status, headers, body = await self.call()
         assert status == 200
         assert "Set-Cookie" not in headers and "X-Upstream" not in headers
         if self.direction == "inbound":
@@ -189,6 +184,18 @@ async def rig(request: pytest.FixtureRequest, side: str, scheme: str, behaviour:
         if probe is not None:
             probe.close()
         await peer.stop()
+
+
+def proxy_timers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float | None, asyncio.Timeout]]:
+    """Every asyncio.timeout the proxy sets from now on, with its delay in seconds."""
+    timers: list[tuple[float | None, asyncio.Timeout]] = []
+
+    def timeout(delay: float | None) -> asyncio.Timeout:
+        timers.append((delay, asyncio.timeout(delay)))
+        return timers[-1][1]
+
+    monkeypatch.setattr(proxy, "asyncio", SimpleNamespace(**{**vars(asyncio), "timeout": timeout}))
+    return timers
 
 
 def check_failure(rig: Rig, status: int, headers: dict[str, str], body: bytes,
@@ -390,10 +397,14 @@ async def test_upstream_fault(request: pytest.FixtureRequest, side: str, fault: 
     make, expected, reason = FAULTS[fault]
     async with rig(request, side, "jose", nothing) as r:
         r.peer.behaviour = make(r.answer, r.answer_type)
-        status, headers, body, elapsed = await r.call()
+        with pytest.MonkeyPatch.context() as spying:
+            timers = proxy_timers(spying)
+            status, headers, body = await r.call()
         check_failure(r, status, headers, body, expected, reason)
-        if expected == 504:
-            assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + 2
+        # A 504 is the upstream deadline's doing: the one timer that ran out is timeout_s's
+        # (so it came no sooner, and nothing else stood in for it).
+        expired = [delay for delay, timer in timers if timer.expired()]
+        assert expired == ([TIMEOUT] if expected == 504 else [])
         if fault in CUT:
             await r.settle()  # the gateway hung up: the peer stopped serving
         if fault.startswith("huge"):
@@ -437,7 +448,7 @@ async def test_a_reset_in_an_unframed_body_is_not_taken_for_its_end(
 
     async with rig(request, side, "jose", nothing) as r:
         r.peer.behaviour = fault(r.answer, r.answer_type)
-        status, headers, body, _ = await r.call()
+        status, headers, body = await r.call()
         check_failure(r, status, headers, body, 502, "upstream_unreachable")
         await r.check_upstream_got_it_once()
         assert r.answer[:16] not in body
@@ -453,7 +464,7 @@ async def test_an_unframed_answer_ends_at_a_clean_close(
     async with rig(request, side, "jose", nothing) as r:
         r.peer.behaviour = close_after(lambda b, t: head(t, b"Connection: close\r\n") + b)(
             r.answer, r.answer_type)
-        status, _, body, _ = await r.call()
+        status, _, body = await r.call()
         assert status == 200
         if r.direction == "inbound":
             assert (await asyncio.to_thread(r.google.open, body))[0] == ANSWER
@@ -507,7 +518,7 @@ async def test_connection_refused(request: pytest.FixtureRequest, side: str) -> 
     async with rig(request, side, "jose", nothing,
                    refused=True) as r:
         r.peer.behaviour = r.good()
-        status, headers, body, _ = await r.call()
+        status, headers, body = await r.call()
         check_failure(r, status, headers, body, 502, "upstream_unreachable")
         # Nobody listened; now the upstream comes up on that port: no failure is remembered.
         await r.peer.start(port=r.peer.port)
@@ -542,7 +553,7 @@ async def test_upstream_tls_failure(request: pytest.FixtureRequest, side: str, f
     async with rig(request, side, "jose", nothing,
                    tls=tls) as r:
         r.peer.behaviour = r.good()
-        status, headers, body, _ = await r.call()
+        status, headers, body = await r.call()
         check_failure(r, status, headers, body, 502, "upstream_unreachable")
         await r.settle()
         # One connection, refused at the handshake: no request crossed, none retried.
@@ -568,7 +579,7 @@ async def test_google_answers_plaintext_instead_of_sealed(
 ) -> None:
     async with rig(request, "outbound-https", scheme,
                    raw_answer(payload, content_type, status, LEAK)) as r:
-        answer_status, headers, body, _ = await r.call()
+        answer_status, headers, body = await r.call()
         # Google's answer does not open: 502, never passed on as if it were plaintext.
         check_failure(r, answer_status, headers, body, 502, "malformed")
         assert payload not in body and b"errorResponseCode" not in body
@@ -597,7 +608,7 @@ async def test_partner_answers_something_else_than_json(
     async with rig(request, "inbound-http", scheme,
                    nothing) as r:
         payload, partner_status = await run(r)
-        status, headers, body, _ = await r.call()
+        status, headers, body = await r.call()
         # The gateway never parses the partner's plaintext: whatever it is, it is sealed (bytes
         # in, bytes out), its status kept, and it never reaches Google as is.
         assert status == partner_status
@@ -644,7 +655,7 @@ async def test_a_stray_answer_on_an_idle_connection_is_not_the_next_answer(
         assert (await r.call())[0] == 200
         await asyncio.sleep(0.2)  # the stray answer has arrived on the idle connection
         r.peer.behaviour = good
-        status, _, body, _ = await r.call()
+        status, _, body = await r.call()
         assert status == 200
         if r.direction == "inbound":
             body = (await asyncio.to_thread(r.google.open, body))[0]
