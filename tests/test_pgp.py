@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +31,7 @@ from gateway.errors import (
 from gateway.keys import Keyset
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
 from tests.pgp_fixtures import GpgPeer, KeyEntries, PgpKeys, gpg_processes_under, unb64url
+from tests.work_count import module_with
 
 PLAINTEXT = b'{"requestHeader": {"requestId": "r-1"}, "clientMessage": "hello"}'
 MakeEnvelope = Callable[..., PgpEnvelope]
@@ -516,7 +516,7 @@ def waits_of(monkeypatch: pytest.MonkeyPatch, process: subprocess.Popen[bytes]) 
             waits.append(math.inf if timeout_ms is None or timeout_ms < 0 else timeout_ms / 1000)
             return self._poll.poll(timeout_ms)
 
-    monkeypatch.setattr(pgp, "select", SimpleNamespace(**{**vars(select), "poll": Poll}))
+    monkeypatch.setattr(pgp, "select", module_with(select, poll=Poll))
     wait = process.wait
 
     def timed_wait(timeout: float | None = None) -> int:

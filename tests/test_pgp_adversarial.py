@@ -8,7 +8,6 @@ import resource
 import signal
 import subprocess
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -34,7 +33,7 @@ from tests.test_openpgp import (  # noqa: F401
     native_keyset,
     partial,
 )
-from tests.work_count import Call, count_calls
+from tests.work_count import Call, count_calls, module_with
 
 SECRET = b'{"cardNumber": "4111111111111111"}'
 MakeEnvelope = Callable[..., PgpEnvelope]
@@ -83,7 +82,7 @@ def gpg_kills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             kills.append(self.pid)
             super().kill()
 
-    monkeypatch.setattr(pgp, "subprocess", SimpleNamespace(**{**vars(subprocess), "Popen": Popen}))
+    monkeypatch.setattr(pgp, "subprocess", module_with(subprocess, Popen=Popen))
     return kills
 
 

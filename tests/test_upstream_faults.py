@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from gateway.envelope import CONTENT_TYPES, PLAINTEXT_CONTENT_TYPE
 from gateway.proxy import _MESSAGES
 from tests.e2e import ANSWER, REQUEST, Google, Pki, google_for, post, running_gateway
 from tests.peers import Behaviour, Exchange, RawPeer, raw_answer
+from tests.work_count import module_with
 
 pytestmark = pytest.mark.e2e
 
@@ -194,7 +194,7 @@ def proxy_timers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float | None, as
         timers.append((delay, asyncio.timeout(delay)))
         return timers[-1][1]
 
-    monkeypatch.setattr(proxy, "asyncio", SimpleNamespace(**{**vars(asyncio), "timeout": timeout}))
+    monkeypatch.setattr(proxy, "asyncio", module_with(asyncio, timeout=timeout))
     return timers
 
 

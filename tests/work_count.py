@@ -3,8 +3,8 @@
 Speed and memory are measured in benchmarks, never asserted as wall-clock limits in tests (these
 machines are shared and noisy). A test that proves a message is refused with bounded work counts
 that work instead: the calls into the code that does it (a packet parser, an RSA operation, a
-gpg run), and the bytes a decompressor hands back. A count does not depend on the machine, and
-it grows when a cap is taken away.
+gpg run), the bytes a decompressor hands back, or the limit and timeout the code sets. A count
+does not depend on the machine, and it grows when a cap is taken away.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 
-__all__ = ["Call", "count_calls", "count_inflated"]
+__all__ = ["Call", "count_calls", "count_inflated", "module_with"]
+
+
+def module_with(module: ModuleType, **names: Any) -> SimpleNamespace:
+    """A stand-in for `module`: the same names, but for those given. Set as the attribute a
+    module under test imported `module` under, it spies on that module's use of it alone."""
+    return SimpleNamespace(**{**vars(module), **names})
 
 
 @dataclass
@@ -90,8 +96,6 @@ def count_inflated(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> list[
         def counting(*args: Any, _make: Any = make, **kwargs: Any) -> _CountingDecompressor:
             return _CountingDecompressor(_make(*args, **kwargs), pieces)
 
-        stand_in = SimpleNamespace(**vars(library))
-        setattr(stand_in, factory, counting)
-        monkeypatch.setattr(module, name, stand_in)
+        monkeypatch.setattr(module, name, module_with(library, **{factory: counting}))
     assert patched, f"{module.__name__} imports neither zlib nor bz2"
     return pieces
