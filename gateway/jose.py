@@ -7,7 +7,6 @@ become gateway errors in `_jwcrypto` alone.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -20,6 +19,7 @@ from typing import Any
 from jwcrypto.jwa import JWA
 from jwcrypto.jwk import JWK
 
+from gateway import b64url
 from gateway.config import (
     JWE_ENCS,
     JWE_KEY_ALGS,
@@ -79,7 +79,6 @@ _MAX_TAG = 128
 _MAX_SIGNATURE = 1400
 _MAX_ECDH_PARAM = 512
 
-_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # ECDSA signatures are r || s at the curve's size (RFC 7518 3.4).
 _EC_SIGNATURE_BYTES = {"ES256": 64, "ES384": 96, "ES512": 132}
 
@@ -89,21 +88,8 @@ def _b64len(n: int) -> int:
     return (4 * n + 2) // 3
 
 
-def _is_b64(segment: bytes) -> bool:
-    """Unpadded base64url: only alphabet characters, and a length some bytes encode to."""
-    return not segment.translate(None, _ALPHABET) and len(segment) % 4 != 1
-
-
-def _b64decode(segment: bytes) -> bytes:
-    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
-
-
-def _b64encode(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
-
-
 def _header(members: dict[str, Any]) -> bytes:
-    return _b64encode(json.dumps(members, separators=(",", ":")).encode("utf-8"))
+    return b64url.encode(json.dumps(members, separators=(",", ":")).encode("utf-8"))
 
 
 def _show(value: object) -> str:
@@ -185,7 +171,11 @@ def _load_key(config: KeyConfig) -> Key:
     if kty == "oct":
         raise ConfigError(place, "symmetric 'oct' keys are refused; give an RSA or EC key")
     if kty == "RSA":
-        bits = int.from_bytes(_b64decode(str(jwk["n"]).encode("ascii")), "big").bit_length()
+        try:
+            modulus = b64url.decode(str(jwk["n"]).encode("ascii"))
+        except (MalformedError, UnicodeEncodeError):
+            raise ConfigError(place, "the RSA modulus 'n' is not base64url") from None
+        bits = int.from_bytes(modulus, "big").bit_length()
         if bits < _MIN_RSA_BITS:
             raise ConfigError(place, f"RSA key of {bits} bits; at least {_MIN_RSA_BITS} needed")
         algorithm = f"RSA-{bits}"
@@ -421,9 +411,9 @@ class JoseEnvelope:
             lambda: EngineError(f"jwcrypto failed to seal with '{signer.id}' to '{recipient.id}'")
         ):
             jws_header = _header({"alg": opts.sign_alg, "kid": signer.id})
-            signing_input = jws_header + b"." + _b64encode(plaintext)
+            signing_input = jws_header + b"." + b64url.encode(plaintext)
             signature = JWA.signing_alg(opts.sign_alg).sign(signer.material, signing_input)
-            jws = signing_input + b"." + _b64encode(signature)
+            jws = signing_input + b"." + b64url.encode(signature)
             wrap = JWA.keymgmt_alg(opts.key_alg)
             content = JWA.encryption_alg(opts.enc)
             header: dict[str, Any] = {"alg": opts.key_alg, "enc": opts.enc, "kid": recipient.id}
@@ -432,7 +422,7 @@ class JoseEnvelope:
             protected = _header(header)
             iv, ciphertext, tag = content.encrypt(wrapped["cek"], protected, jws)
         body = b".".join(
-            [protected, *(_b64encode(p) for p in (wrapped.get("ek", b""), iv, ciphertext, tag))]
+            [protected, *(b64url.encode(p) for p in (wrapped.get("ek", b""), iv, ciphertext, tag))]
         )
         return Sealed(body=body, signed_by=(signer.id,), encrypted_to=(recipient.id,))
 
@@ -460,7 +450,7 @@ class JoseEnvelope:
         if not text:
             raise MalformedError("empty body")
         parts = text.split(b".", 5)
-        if len(parts) == 3 and all(_is_b64(p) for p in parts):
+        if len(parts) == 3 and all(b64url.is_unpadded(p) for p in parts):
             raise MalformedError("a compact JWS that was never encrypted, not a JWE")
         if len(parts) != 5:
             raise MalformedError("not a compact JWE (five base64url parts)")
@@ -475,20 +465,20 @@ class JoseEnvelope:
                 raise MalformedError(f"JWE {name} of {len(segment)} characters (at most {limit})")
         if len(ciphertext) > self._ciphertext_limit:
             raise TooLargeError("JWE ciphertext is larger than the plaintext cap allows")
-        if not all(_is_b64(p) for p in parts):
+        if not all(b64url.is_unpadded(p) for p in parts):
             raise MalformedError("not a compact JWE (a part is not base64url)")
         if not (protected and iv and tag):
             raise MalformedError("not a compact JWE (empty header, iv or tag)")
-        header = _json_object(_b64decode(protected))
+        header = _json_object(b64url.decode(protected))
         if header is None:
             raise MalformedError("JWE protected header is not a JSON object")
         return _Jwe(
             header=header,
             protected=protected,
-            encrypted_key=_b64decode(encrypted_key),
-            iv=_b64decode(iv),
-            ciphertext=_b64decode(ciphertext),
-            tag=_b64decode(tag),
+            encrypted_key=b64url.decode(encrypted_key),
+            iv=b64url.decode(iv),
+            ciphertext=b64url.decode(ciphertext),
+            tag=b64url.decode(tag),
         )
 
     def _check_jwe_header(self, header: dict[str, Any]) -> None:
@@ -556,9 +546,9 @@ class JoseEnvelope:
             raise SignatureError("JWS header or signature is oversized")
         if len(payload) > _b64len(self.max_plaintext_bytes):
             raise TooLargeError(f"JWS payload is over the cap of {self.max_plaintext_bytes} bytes")
-        if not all(_is_b64(p) for p in parts) or not protected:
+        if not all(b64url.is_unpadded(p) for p in parts) or not protected:
             raise SignatureError("a JWE whose payload is not a compact JWS")
-        header = _json_object(_b64decode(protected))
+        header = _json_object(b64url.decode(protected))
         if header is None:
             raise SignatureError("JWS protected header is not a JSON object")
         alg = header.get("alg")
@@ -574,7 +564,7 @@ class JoseEnvelope:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise SignatureError("JWS kid is not a string")
-        raw_signature = _b64decode(signature)
+        raw_signature = b64url.decode(signature)
         if len(raw_signature) != _EC_SIGNATURE_BYTES.get(alg, len(raw_signature)):
             raise SignatureError(f"{alg} signature of {len(raw_signature)} bytes")
         candidates = self.peer.verifiers()
@@ -589,7 +579,7 @@ class JoseEnvelope:
                     _verify_with(key, alg, signing_input, raw_signature)
                 except SignatureError:
                     continue
-                return _b64decode(payload), key
+                return b64url.decode(payload), key
         if kid is not None:
             raise SignatureError(f"bad signature by peer key '{kid}'")
         raise SignatureError("no enabled, unexpired peer key verifies the JWS")
@@ -599,9 +589,9 @@ def jwe_header(body: bytes) -> dict[str, Any] | None:
     """The protected header of a compact JWE (its `kid`, `alg`, `enc`), read without any key;
     None when the body does not start as one."""
     parts = bytes(body).strip().split(b".", 5)
-    if len(parts) != 5 or len(parts[0]) > _MAX_HEADER or not _is_b64(parts[0]):
+    if len(parts) != 5 or len(parts[0]) > _MAX_HEADER or not b64url.is_unpadded(parts[0]):
         return None
-    return _json_object(_b64decode(parts[0]))
+    return _json_object(b64url.decode(parts[0]))
 
 
 def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:

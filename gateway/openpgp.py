@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from gateway import b64url
 from gateway.config import KeyConfig, KeysetConfig, PgpOptions
 from gateway.envelope import CONTENT_TYPES, Opened, Sealed
 from gateway.errors import (
@@ -95,7 +96,6 @@ _CRITICAL_OK = {2, 3, 4, 5, 6, 7, 9, 11, 12, 16, 21, 22, 23, 25, 26, 27, 30, 32,
 # One answer for a session key that does not decrypt and for data that fails its MDC: no oracle.
 _DECRYPT_FAILED = ("decryption failed: the message was not made for the own key it names, or "
                    "was altered or damaged")
-_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/**")
 
 
 class _Invalid(Exception):
@@ -924,26 +924,6 @@ def _compress(algo: int, data: bytes) -> bytes:
     return _packet(_COMPRESSED, b"\x02" + zlib.compress(data, 6))
 
 
-def _b64decode(body: bytes) -> bytes:
-    """base64url, padded or not, surrounding whitespace ignored: the GnuPG engine's rules, in
-    two C passes (the standard alphabet's '+' and '/' become a character strict mode refuses).
-    Raises MalformedError."""
-    text = body.strip()
-    unpadded = text.rstrip(b"=")
-    if (
-        not unpadded
-        or len(unpadded) % 4 == 1
-        or len(text) - len(unpadded) > 2
-        or (text != unpadded and len(text) % 4)
-    ):
-        raise MalformedError("the body is not base64url")
-    try:
-        return binascii.a2b_base64(
-            unpadded.translate(_URLSAFE_TO_STANDARD) + b"=" * (-len(unpadded) % 4),
-            strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise MalformedError("the body is not base64url") from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Opening: the encryption layer.
@@ -1208,9 +1188,7 @@ class NativePgpEnvelope:
                            for _, part in recipients) + _seipd(session_key, inner)
         if o.armor:
             message = _armor(message)
-        body = base64.urlsafe_b64encode(message)
-        if not o.base64_padding:
-            body = body.rstrip(b"=")
+        body = b64url.encode(message, padding=o.base64_padding)
         return Sealed(
             body=body,
             signed_by=tuple(k.id for k, _ in signers),
@@ -1227,7 +1205,7 @@ class NativePgpEnvelope:
             raise TooLargeError(
                 f"body of {len(body)} bytes is over the {self.max_body_bytes} byte limit"
             )
-        message = _b64decode(body)
+        message = b64url.decode_body(body)
         if message.lstrip().startswith(b"-----BEGIN "):
             try:
                 blocks = _dearmor(message, (b"PGP MESSAGE",))

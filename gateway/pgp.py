@@ -32,6 +32,7 @@ import gnupg
 from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from gateway import b64url
 from gateway.config import KeyConfig, KeysetConfig, PgpOptions
 from gateway.envelope import CONTENT_TYPES, Opened, Sealed
 from gateway.errors import (
@@ -95,7 +96,6 @@ _AGENT_CONF = (
     "max-cache-ttl 315360000\n"
 )
 _MAX_OUTPUT_HIT = re.compile(r"^gpg: error writing to .*: exceeded --max-output limit$", re.M)
-_B64URL = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
 MAX_SESSION_KEY_PACKETS = 32
 # RSA decryptions one message may ask of the agent (outside gpg's CPU limit): gpg tries every
 # own secret key on each hidden recipient (key id 0000000000000000). As the native engine.
@@ -771,26 +771,11 @@ def message_recipients(body: bytes) -> tuple[str, ...]:
     """The key ids a base64url OpenPGP message is encrypted to, read from its public-key
     session-key packets without decrypting (16 upper-case hex digits each; all zeros for a
     hidden recipient). Raises MalformedError when the body is not such a message."""
-    return _check_structure(_b64decode(body))
+    return _check_structure(b64url.decode_body(body))
 
 
 # The envelope.
 
-
-def _b64decode(body: bytes) -> bytes:
-    text = body.strip()
-    unpadded = text.rstrip(b"=")
-    if (
-        not unpadded
-        or not _B64URL.fullmatch(text)
-        or len(unpadded) % 4 == 1
-        or (text != unpadded and len(text) % 4)
-    ):
-        raise MalformedError("the body is not base64url")
-    try:
-        return base64.urlsafe_b64decode(unpadded + b"=" * (-len(unpadded) % 4))
-    except (binascii.Error, ValueError):
-        raise MalformedError("the body is not base64url") from None
 
 
 def _dearmor(text: bytes) -> bytes:
@@ -1023,9 +1008,7 @@ class PgpEnvelope:
             or status.returncode != 0
         ):
             raise EngineError("gpg could not sign and encrypt")
-        body = base64.urlsafe_b64encode(status.data)
-        if not o.base64_padding:
-            body = body.rstrip(b"=")
+        body = b64url.encode(status.data, padding=o.base64_padding)
         return Sealed(
             body=body,
             signed_by=tuple(k.id for k in signers),
@@ -1040,7 +1023,7 @@ class PgpEnvelope:
             raise TooLargeError(
                 f"body of {len(body)} bytes is over the {self.max_body_bytes} byte limit"
             )
-        message = _b64decode(body)
+        message = b64url.decode_body(body)
         recipients = _check_structure(message)
         hidden = recipients.count(_HIDDEN)
         if hidden * len(self.own.decryptors()) > MAX_RSA_DECRYPTIONS:

@@ -11,12 +11,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 # envelope/keys -> config -> errors).
 ALLOWED = {
     "errors": set(),
+    "b64url": {"errors"},
     "config": {"errors"},
     "keys": {"config", "errors"},
     "envelope": {"keys"},
-    "pgp": {"config", "envelope", "errors", "keys"},
-    "openpgp": {"config", "envelope", "errors", "keys"},
-    "jose": {"config", "envelope", "errors", "keys"},
+    "pgp": {"b64url", "config", "envelope", "errors", "keys"},
+    "openpgp": {"b64url", "config", "envelope", "errors", "keys"},
+    "jose": {"b64url", "config", "envelope", "errors", "keys"},
     "tls": {"config", "errors"},
     "metrics": set(),
     "logs": set(),
@@ -37,6 +38,7 @@ ALLOWED = {
 THIRD_PARTY_HOME = {
     "gnupg": {"pgp"},
     "jwcrypto": {"jose"},
+    "pybase64": {"b64url"},
     "yaml": {"config"},
     "prometheus_client": {"metrics"},
     "aiohttp": {"proxy", "app", "demo", "keytool", "admin", "supervisor", "upstream"},
