@@ -11,24 +11,30 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from gateway.config import KeyConfig, KeysetConfig, KeyState, PgpOptions
 from gateway.keys import Key, Keyset
+from gateway.openpgp import NativePgpEnvelope, load_native_keyset
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
 
 __all__ = [
     "PGP_KEY_NAMES",
+    "AnyPgpEnvelope",
     "GpgOpened",
     "GpgPeer",
     "GpgPeerError",
     "KeyEntries",
+    "PgpEngine",
     "PgpKeys",
     "b64url",
     "gpg_peer",
     "gpg_processes_under",
+    "native_envelope",
+    "native_keyset",
+    "pgp_engine",
     "pgp_envelope",
     "pgp_keys",
     "pgp_keyset",
@@ -37,6 +43,8 @@ __all__ = [
 ]
 
 KeyEntries = Sequence[tuple[str, str, "str | KeyState"]]  # (key name, "sec"|"pub", state)
+AnyPgpEnvelope = PgpEnvelope | NativePgpEnvelope
+T = TypeVar("T")
 
 DAY = 86400
 # name -> (RSA bits, passphrase or None). Every key: RSA primary (sign, certify) + RSA encryption
@@ -382,10 +390,10 @@ def pgp_keyset_config(pgp_keys: PgpKeys) -> Callable[[str, KeyEntries], KeysetCo
     return pgp_keys.keyset_config
 
 
-@pytest.fixture(scope="session")
-def pgp_keyset(pgp_keys: PgpKeys, session_tmp: Path) -> Callable[..., Keyset]:
-    """pgp_keyset(name, entries, now=None) -> Keyset, from keys each loaded once per session by
-    load_pgp_keyset (states, places and the clock set per call)."""
+def _keyset_builder(pgp_keys: PgpKeys, load: Callable[[KeysetConfig], Keyset]
+                    ) -> Callable[..., Keyset]:
+    """build(name, entries, now=None) -> Keyset, from keys each loaded once by `load` (states,
+    places and the clock set per call)."""
     loaded: dict[tuple[str, str], Key] = {}
 
     def build(name: str, entries: KeyEntries, now: Callable[[], Any] | None = None) -> Keyset:
@@ -393,7 +401,7 @@ def pgp_keyset(pgp_keys: PgpKeys, session_tmp: Path) -> Callable[..., Keyset]:
         for i, (key_name, kind, state) in enumerate(entries):
             if (key_name, kind) not in loaded:
                 single = pgp_keys.keyset_config("one", [(key_name, kind, "active")])
-                loaded[key_name, kind] = load_pgp_keyset(single, session_tmp / "pl").keys[0]
+                loaded[key_name, kind] = load(single).keys[0]
             keys.append(replace(
                 loaded[key_name, kind], state=KeyState(state), place=f"keysets.{name}.keys[{i}]"
             ))
@@ -402,6 +410,20 @@ def pgp_keyset(pgp_keys: PgpKeys, session_tmp: Path) -> Callable[..., Keyset]:
         return Keyset(name=name, type="pgp", keys=tuple(keys), now=now)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def pgp_keyset(pgp_keys: PgpKeys, session_tmp: Path) -> Callable[..., Keyset]:
+    """pgp_keyset(name, entries, now=None) -> Keyset, from keys each loaded once per session by
+    load_pgp_keyset (states, places and the clock set per call)."""
+    return _keyset_builder(pgp_keys, lambda config: load_pgp_keyset(config, session_tmp / "pl"))
+
+
+@pytest.fixture(scope="session")
+def native_keyset(pgp_keys: PgpKeys) -> Callable[..., Keyset]:
+    """native_keyset(name, entries, now=None) -> Keyset, as pgp_keyset but each key parsed by
+    load_native_keyset."""
+    return _keyset_builder(pgp_keys, load_native_keyset)
 
 
 @pytest.fixture(scope="module")
@@ -432,3 +454,50 @@ def pgp_envelope(
     for envelope in made:
         envelope.close()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def native_envelope(native_keyset: Callable[..., Keyset]) -> Callable[..., NativePgpEnvelope]:
+    """native_envelope(own, peer, options=PgpOptions(), limit=1 MiB) -> NativePgpEnvelope;
+    own and peer are Keysets or entry lists."""
+
+    def make(
+        own: Keyset | KeyEntries,
+        peer: Keyset | KeyEntries,
+        options: PgpOptions = PgpOptions(),  # noqa: B008
+        *,
+        limit: int = 1 << 20,
+    ) -> NativePgpEnvelope:
+        own_set = own if isinstance(own, Keyset) else native_keyset("own", own)
+        peer_set = peer if isinstance(peer, Keyset) else native_keyset("peer", peer)
+        return NativePgpEnvelope(own_set, peer_set, options, max_plaintext_bytes=limit)
+
+    return make
+
+
+@dataclass(frozen=True)
+class PgpEngine:
+    """One of the two PGP engines, for the tests both must pass alike: `envelope` and `keyset`
+    are its pgp_envelope/pgp_keyset or native_envelope/native_keyset."""
+
+    name: str  # "gnupg" or "native", as PgpOptions.engine
+    envelope: Callable[..., AnyPgpEnvelope]
+    keyset: Callable[..., Keyset]
+
+    def load(self, config: KeysetConfig, scan: Path) -> Keyset:
+        """The engine's key loader (gnupg's scans in a home below `scan`)."""
+        return load_pgp_keyset(config, scan) if self.name == "gnupg" else load_native_keyset(
+            config)
+
+    def pick(self, *, gnupg: T, native: T) -> T:
+        """The expectation for this engine, where the two legitimately differ."""
+        return gnupg if self.name == "gnupg" else native
+
+
+@pytest.fixture(scope="module", params=["gnupg", "native"])
+def pgp_engine(request: pytest.FixtureRequest) -> PgpEngine:
+    """Each engine in turn (a module's tests run for one, then the other), its envelopes
+    made from the session's keys."""
+    prefix = "pgp" if request.param == "gnupg" else "native"
+    return PgpEngine(request.param, request.getfixturevalue(f"{prefix}_envelope"),
+                     request.getfixturevalue(f"{prefix}_keyset"))
