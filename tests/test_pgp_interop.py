@@ -1,35 +1,32 @@
-"""PGP interoperability both ways with implementations that are not ours: gpg and OpenPGP.js."""
+"""PGP interoperability both ways with implementations that are not ours, gpg and OpenPGP.js,
+for both engines (gnupg and native). tests/test_openpgp_interop.py adds the native engine's
+own: more message shapes, Sequoia's sq, and the two engines with each other."""
 
 from __future__ import annotations
 
 import base64
 import json
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from gateway.config import PgpOptions
-from gateway.keys import Keyset
-from gateway.pgp import PgpEnvelope
-from tests.pgp_fixtures import GpgPeer, PgpKeys, unb64url
+from tests.pgp_fixtures import AnyPgpEnvelope, GpgPeer, PgpEngine, PgpKeys, unb64url
 
 pytestmark = pytest.mark.interop
 
 PLAINTEXT = '{"requestHeader": {"requestId": "ïd-1"}, "transferRequestId": "t-1"}'.encode()
 TOOL = Path(__file__).parent / "interop" / "openpgp_tool.mjs"
-MakeEnvelope = Callable[..., PgpEnvelope]
 SHA384, AES256, MDC = "9", "9", "2"
+OURS = [("partner-a", "sec", "active"), ("partner-pw", "sec", "active")]
+GOOGLE = [("google-a", "pub", "active"), ("google-b", "pub", "active")]
 
 
 @pytest.fixture(scope="module")
-def partner(pgp_envelope: MakeEnvelope) -> PgpEnvelope:
+def partner(pgp_engine: PgpEngine) -> AnyPgpEnvelope:
     """Ours: two signing keys (one passphrase-protected), Google's two keys as peers."""
-    return pgp_envelope(
-        [("partner-a", "sec", "active"), ("partner-pw", "sec", "active")],
-        [("google-a", "pub", "active"), ("google-b", "pub", "active")],
-    )
+    return pgp_engine.envelope(OURS, GOOGLE)
 
 
 # gpg -> us
@@ -41,10 +38,11 @@ def partner(pgp_envelope: MakeEnvelope) -> PgpEnvelope:
     (True, None, True),
     (True, "none", False),
     (False, "zip", False),
+    (True, "zlib", True),
     (False, "bzip2", True),
 ])
 def test_gpg_seals_we_open(
-    partner: PgpEnvelope, gpg_peer: GpgPeer, armor: bool, compress: str | None, padded: bool
+    partner: AnyPgpEnvelope, gpg_peer: GpgPeer, armor: bool, compress: str | None, padded: bool
 ) -> None:
     body = gpg_peer.seal(PLAINTEXT, ["google-a"], ["partner-a"], armor=armor, compress=compress,
                          padded=padded)
@@ -55,25 +53,25 @@ def test_gpg_seals_we_open(
         PLAINTEXT, ("partner-a",), ("google-a",))
 
 
-def test_gpg_two_recipients_ours_second(partner: PgpEnvelope, gpg_peer: GpgPeer) -> None:
+def test_gpg_two_recipients_ours_second(partner: AnyPgpEnvelope, gpg_peer: GpgPeer) -> None:
     body = gpg_peer.seal(PLAINTEXT, ["google-b"], ["stranger", "partner-pw"])
     assert len(gpg_peer.open_details(body).recipients) == 2
     opened = partner.open(body)
     assert (opened.decrypted_by, opened.verified_by) == (("partner-pw",), ("google-b",))
 
 
-def test_gpg_two_signatures_one_unknown(partner: PgpEnvelope, gpg_peer: GpgPeer) -> None:
+def test_gpg_two_signatures_one_unknown(partner: AnyPgpEnvelope, gpg_peer: GpgPeer) -> None:
     body = gpg_peer.seal(PLAINTEXT, ["stranger", "google-a"], ["partner-a"], armor=True)
     assert partner.open(body).verified_by == ("google-a",)
 
 
-def test_gpg_both_google_keys_sign(partner: PgpEnvelope, gpg_peer: GpgPeer) -> None:
+def test_gpg_both_google_keys_sign(partner: AnyPgpEnvelope, gpg_peer: GpgPeer) -> None:
     body = gpg_peer.seal(PLAINTEXT, ["google-a", "google-b"], ["partner-a", "partner-pw"],
                          digest="SHA512", cipher="AES128")
     assert partner.open(body).verified_by == ("google-a", "google-b")
 
 
-def test_base64_wrapped_in_lines(partner: PgpEnvelope, gpg_peer: GpgPeer) -> None:
+def test_base64_wrapped_in_lines(partner: AnyPgpEnvelope, gpg_peer: GpgPeer) -> None:
     body = gpg_peer.seal(PLAINTEXT, ["google-a"], ["partner-a"])
     assert partner.open(b"\n" + body + b"\r\n").plaintext == PLAINTEXT
 
@@ -88,22 +86,19 @@ def test_base64_wrapped_in_lines(partner: PgpEnvelope, gpg_peer: GpgPeer) -> Non
     PgpOptions(compression="zip", armor=True),
 ])
 def test_we_seal_gpg_opens(
-    partner: PgpEnvelope, pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer, pgp_keys: PgpKeys,
-    options: PgpOptions,
+    pgp_engine: PgpEngine, gpg_peer: GpgPeer, pgp_keys: PgpKeys, options: PgpOptions
 ) -> None:
-    ours = pgp_envelope(_entries(partner.own), _entries(partner.peer), options)
-    opened = gpg_peer.open_details(ours.seal(PLAINTEXT).body)
-    assert opened.plaintext == PLAINTEXT
+    ours = pgp_engine.envelope(OURS, GOOGLE, options)
+    body = ours.seal(PLAINTEXT * 40).body
+    opened = gpg_peer.open_details(body)
+    assert opened.plaintext == PLAINTEXT * 40
     assert sorted(opened.signers) == sorted(
         pgp_keys.fingerprint(n) for n in ("partner-a", "partner-pw"))
     assert opened.hashes == [SHA384, SHA384]
     assert (opened.cipher, opened.mdc) == (AES256, MDC)
     assert len(opened.recipients) == 2
     assert not any(s[0] in ("BADSIG", "ERRSIG", "EXPKEYSIG") for s in opened.status)
-
-
-def _entries(keyset: Keyset) -> list[tuple[str, str, str]]:
-    return [(k.id, "sec" if k.private else "pub", k.state.value) for k in keyset.keys]
+    assert gpg_peer.gpg("--decrypt", stdin=unb64url(body)).returncode == 0
 
 
 # OpenPGP.js -> us, us -> OpenPGP.js
@@ -116,36 +111,50 @@ def openpgp_js(*args: str, stdin: bytes) -> bytes:
     return done.stdout
 
 
-@pytest.mark.parametrize(("armor", "compress"), [
-    (False, "uncompressed"), (True, "zlib"), (False, "zip"),
+@pytest.mark.parametrize(("armor", "compress", "padded", "stranger"), [
+    (False, "uncompressed", False, False), (True, "zlib", False, False),
+    (False, "zip", False, False),
+    (False, "uncompressed", False, True), (True, "zlib", True, True), (False, "zip", True, True),
+    (True, "uncompressed", False, True),
 ])
 def test_openpgp_js_seals_we_open(
-    partner: PgpEnvelope, pgp_keys: PgpKeys, armor: bool, compress: str
+    partner: AnyPgpEnvelope, pgp_keys: PgpKeys, armor: bool, compress: str, padded: bool,
+    stranger: bool,
 ) -> None:
-    args = ["seal", "--sign", str(pgp_keys.sec("google-b")), "--to",
-            str(pgp_keys.pub("partner-pw")), "--to", str(pgp_keys.pub("stranger")),
+    """Signed by google-b and encrypted to partner-pw; with `stranger`, a stranger signs too
+    and is the first recipient."""
+    signers = ["google-b", "stranger"] if stranger else ["google-b"]
+    recipients = ["stranger", "partner-pw"] if stranger else ["partner-pw", "stranger"]
+    args = ["seal", *(a for n in signers for a in ("--sign", str(pgp_keys.sec(n)))),
+            *(a for n in recipients for a in ("--to", str(pgp_keys.pub(n)))),
             "--compress", compress]
-    body = openpgp_js(*args, *(["--armor"] if armor else []), stdin=PLAINTEXT)
+    body = openpgp_js(*args, *(["--armor"] if armor else []), *(["--padded"] if padded else []),
+                      stdin=PLAINTEXT)
     opened = partner.open(body)
     assert (opened.plaintext, opened.decrypted_by, opened.verified_by) == (
         PLAINTEXT, ("partner-pw",), ("google-b",))
 
 
-def test_openpgp_js_signed_with_a_protected_key(
-    pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys
+@pytest.mark.parametrize("signers", [["partner-pw2"], ["partner-pw", "partner-pw2"]])
+def test_openpgp_js_signed_with_protected_keys(
+    pgp_engine: PgpEngine, pgp_keys: PgpKeys, signers: list[str]
 ) -> None:
-    google = pgp_envelope([("google-a", "sec", "active")], [("partner-pw2", "pub", "active")])
-    signer = f"{pgp_keys.sec('partner-pw2')},{pgp_keys.passphrase_file('partner-pw2')}"
-    body = openpgp_js("seal", "--sign", signer, "--to", str(pgp_keys.pub("google-a")),
-                      "--padded", stdin=PLAINTEXT)
-    assert google.open(body).verified_by == ("partner-pw2",)
+    """Each key opened with its own passphrase (from its file) by OpenPGP.js."""
+    google = pgp_engine.envelope([("google-a", "sec", "active")],
+                                 [(n, "pub", "active") for n in signers])
+    sign = [a for n in signers for a in ("--sign", f"{pgp_keys.sec(n)},"
+                                                  f"{pgp_keys.passphrase_file(n)}")]
+    body = openpgp_js("seal", *sign, "--to", str(pgp_keys.pub("google-a")), "--padded",
+                      stdin=PLAINTEXT)
+    assert google.open(body).verified_by == tuple(signers)
 
 
-@pytest.mark.parametrize("options", [PgpOptions(), PgpOptions(armor=True, compression="zlib")])
+@pytest.mark.parametrize("options", [PgpOptions(), PgpOptions(armor=True, compression="zlib"),
+                                     PgpOptions(compression="zip", digest="SHA512")])
 def test_we_seal_openpgp_js_opens(
-    partner: PgpEnvelope, pgp_envelope: MakeEnvelope, pgp_keys: PgpKeys, options: PgpOptions
+    pgp_engine: PgpEngine, pgp_keys: PgpKeys, options: PgpOptions
 ) -> None:
-    ours = pgp_envelope(_entries(partner.own), _entries(partner.peer), options)
+    ours = pgp_engine.envelope(OURS, GOOGLE, options)
     body = ours.seal(PLAINTEXT).body
     for google in ("google-a", "google-b"):
         report = json.loads(openpgp_js(
@@ -155,6 +164,6 @@ def test_we_seal_openpgp_js_opens(
         assert base64.b64decode(report["plaintext"]) == PLAINTEXT
         signatures = report["signatures"]
         assert len(signatures) == 2
-        assert all(s["valid"] and s["hash"] == "sha384" for s in signatures)
+        assert all(s["valid"] and s["hash"] == options.digest.lower() for s in signatures)
         assert {s["keyID"] for s in signatures} == {
             pgp_keys.fingerprint(n)[-16:] for n in ("partner-a", "partner-pw")}
