@@ -62,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    setup_logging(args.log_level or config.log_level)
+    writer = setup_logging(args.log_level or config.log_level)
+    try:
+        return _serve(args.config)
+    finally:
+        writer.stop()  # every line written before `run` returns
+
+
+def _serve(config_path: Path) -> int:
     _tune_malloc()
     # A core file of this process would hold card data and private keys: none, for it and for
     # every child (gpg and its agents inherit the limit).
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import serve
 
     try:
-        return _run_loop(serve(args.config))
+        return _run_loop(serve(config_path))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

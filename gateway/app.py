@@ -22,6 +22,7 @@ from aiohttp.http import HttpProcessingError
 from gateway.admin import build_admin_app, describe_keys, status_document
 from gateway.config import Config, Limits, load_config, usable_cores
 from gateway.keys import expiring
+from gateway.logs import count_drops
 from gateway.metrics import Metrics
 from gateway.proxy import Inflight, Proxy
 from gateway.reload import Reloader
@@ -46,6 +47,7 @@ class Gateway:
         self.worker = worker
         self.workdir = workdir
         self.metrics = metrics
+        count_drops(metrics.log_records_dropped.inc)
         # One crypto thread per slot: RSA in `cryptography` runs outside the GIL, so slots =
         # cores keeps every core busy without oversubscribing it. GnuPG calls wait on gpg and
         # its agent (two processes, one after the other, plus a process start): one more

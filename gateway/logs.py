@@ -2,17 +2,31 @@
 
 Exception text from third-party libraries can carry payload bytes, so only the exception's type
 is logged, never its message or traceback.
+
+Writing to stderr is I/O, and stderr is a pipe whose reader (the container runtime's log
+driver) can stall: a blocked write on the event loop would stop every request. So a record is
+only queued where it is logged, and one writer thread formats and writes it. The queue is
+bounded (QUEUE_RECORDS): while it is full, records are dropped, never waited for, and counted
+(`gateway_log_records_dropped_total`); once the writer catches up it says how many it lost in a
+"log records dropped" line.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
+
+QUEUE_RECORDS = 4096
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,12 +53,98 @@ def frames(tb: TracebackType | None) -> list[str]:
             for frame in traceback.extract_tb(tb)][-12:]
 
 
-def setup_logging(level: str) -> None:
-    """Send every log record to stderr as JSON at `level` (debug, info, warning, error)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+class _Outbox(logging.handlers.QueueHandler):
+    """Hands each record to the writer thread as it is (the writer formats it) and never blocks:
+    a record that finds the queue full is dropped and counted."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(records)
+        self._lock = threading.Lock()
+        self._unreported = 0
+        self.on_drop: Callable[[], None] = lambda: None
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            with self._lock:
+                self._unreported += 1
+            self.on_drop()
+
+    def take_unreported(self) -> int:
+        with self._lock:
+            count, self._unreported = self._unreported, 0
+        return count
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The thread that formats and writes; after each record, it reports the drops since the
+    last report. It writes to the stream itself, not through a logging.Handler: at exit,
+    logging.shutdown() takes every handler's lock, which a write blocked on a stalled stderr
+    would hold for ever."""
+
+    def __init__(self, outbox: _Outbox, stream: TextIO) -> None:
+        super().__init__(outbox.queue)
+        self._outbox = outbox
+        self._stream = stream
+        self._formatter = JsonFormatter()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write out what is queued; a stderr that stays blocked is given up on after
+        `timeout` s (the thread is a daemon: it does not hold the process up). Once only."""
+        if self._thread is None:
+            return
+        try:
+            self.queue.put(self._sentinel, timeout=timeout)  # type: ignore[attr-defined]
+        except queue.Full:
+            return
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self._write(record)
+        dropped = self._outbox.take_unreported()
+        if dropped:
+            note = logging.LogRecord("gateway.logs", logging.WARNING, __file__, 0,
+                                     "log records dropped", None, None)
+            note.fields = {"count": dropped, "reason": "stderr was not keeping up"}
+            self._write(note)
+
+    def _write(self, record: logging.LogRecord) -> None:
+        try:
+            self._stream.write(self._formatter.format(record) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # stderr closed or gone: nothing else to tell it to
+            pass
+
+
+_outbox: _Outbox | None = None
+
+
+def setup_logging(level: str, records: int = QUEUE_RECORDS,
+                  stream: TextIO | None = None) -> logging.handlers.QueueListener:
+    """Send every log record to `stream` (stderr) as JSON at `level` (debug, info, warning,
+    error), through a queue of at most `records` records and one writer thread, which is
+    returned (started; stopped, and the queue written out, at exit)."""
+    global _outbox
+    outbox = _Outbox(queue.Queue(records))
+    writer = _Writer(outbox, stream if stream is not None else sys.stderr)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [outbox]
     root.setLevel(level.upper())
     # aiohttp's access log would duplicate ours and its server errors log tracebacks.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    writer.start()
+    atexit.register(writer.stop)
+    _outbox = outbox
+    return writer
+
+
+def count_drops(count: Callable[[], None]) -> None:
+    """Call `count` for every record dropped from now on (a metric's inc)."""
+    if _outbox is not None:
+        _outbox.on_drop = count

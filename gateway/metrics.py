@@ -97,6 +97,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=registry,
         )
+        self.log_records_dropped = Counter(
+            "gateway_log_records_dropped_total",
+            "Log records dropped because stderr did not keep up (the log queue was full): "
+            "requests are never held up for a log line.",
+            registry=registry,
+        )
         self.worker_reloads = Counter(
             "gateway_worker_reloads_total",
             "Reloads applied by worker processes (workers > 1) after their supervisor validated "
@@ -107,7 +113,8 @@ class Metrics:
             self.config_reloads.labels(result)  # both series exist from the start
             self.worker_reloads.labels(result)
         traffic = ("requests", "request_duration", "upstream_duration", "crypto_duration",
-                   "crypto_failures", "key_uses", "loop_lag", "connections_closed")
+                   "crypto_failures", "key_uses", "loop_lag", "connections_closed",
+                   "log_records_dropped")
         configuration = ("key_expiry", "key_info", "config_reloads", "config_generation")
         dropped = {"single": ("worker_reloads",), "worker": configuration,
                    "supervisor": (*traffic, "worker_reloads")}[role]

@@ -4,19 +4,23 @@ whatever path a request takes (the real process at debug level)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import io
 import json
 import logging
 import os
 import signal
 import sys
 import textwrap
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from gateway.logs import JsonFormatter
+from gateway.logs import JsonFormatter, count_drops, setup_logging
+from gateway.metrics import Metrics
 from tests.e2e import Google, Pki, config, google_for
 from tests.jose_fixtures import JoseKeys
 from tests.peers import StandIn, json_answer, slow
@@ -142,3 +146,102 @@ async def test_no_payment_data_in_logs_or_metrics_on_any_path(
     for secret in secrets:
         assert secret not in logs, secret
         assert secret not in metrics, secret
+
+
+class StalledStream(io.StringIO):
+    """A stderr whose reader has stalled: every write waits until `drain()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = threading.Event()
+
+    def write(self, text: str) -> int:
+        self._open.wait()
+        return super().write(text)
+
+    def drain(self) -> None:
+        self._open.set()
+
+
+def test_a_stalled_stderr_never_holds_up_logging_and_drops_are_counted() -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = StalledStream()
+    metrics = Metrics()
+    try:
+        writer = setup_logging("info", records=8, stream=stream)
+        count_drops(metrics.log_records_dropped.inc)
+        logger = logging.getLogger("tests.stalled")
+        done = threading.Event()
+
+        def log_many() -> None:
+            for i in range(50):
+                logger.info("line", extra={"fields": {"i": i}})
+            done.set()
+
+        threading.Thread(target=log_many, daemon=True).start()
+        # Liveness, not speed: with a blocking handler this thread would never finish.
+        assert done.wait(60), "logging waited on a stalled stderr"
+        dropped = metrics.registry.get_sample_value("gateway_log_records_dropped_total")
+        stream.drain()
+        writer.stop()
+    finally:
+        root.handlers[:], root.level = saved
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    written = [e["i"] for e in entries if e["event"] == "line"]
+    notes = [e for e in entries if e["event"] == "log records dropped"]
+    # The writer holds one record, the queue 8 more: the rest is dropped, counted and reported.
+    assert written == list(range(len(written))) and 8 <= len(written) <= 9
+    assert dropped == 50 - len(written)
+    assert [n["count"] for n in notes] == [50 - len(written)]
+    assert notes[0]["level"] == "warning"
+
+
+@pytest.mark.parametrize("google", ["jose"], indirect=True)
+async def test_the_gateway_keeps_answering_while_nobody_reads_its_stderr(
+    google: Google, partner_and_google: tuple[StandIn, StandIn], runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """The real process, its stderr a one-page pipe that is read up to `listening` and then left
+    alone: 100 requests later (a few KiB of log lines each) it still answers every one, and
+    every line arrives once stderr is read again."""
+    partner, _ = partner_and_google
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(config(google, runtime_dir, pki, inbound_url=partner.url)))
+    good = await asyncio.to_thread(google.seal, TRANSFER)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "debug",
+        stderr=write_end, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(write_end)
+    stderr = os.fdopen(read_end, "rb")
+    try:
+        while True:
+            entry = json.loads(await asyncio.wait_for(asyncio.to_thread(stderr.readline), 30))
+            if entry["event"] == "listening":
+                break
+        port = int(str(entry["routes"]["in"]).rsplit(":", 1)[1])
+        admin = int(str(entry["admin"]).rsplit(":", 1)[1])
+        url = f"https://localhost:{port}/cards-qr-v1/transfer"
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            statuses = []
+            for _ in range(100):
+                async with session.post(url, data=good, ssl=pki.client_context()) as response:
+                    statuses.append(response.status)
+            async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                metrics = await response.text()
+        assert statuses == [200] * 100
+        assert "gateway_log_records_dropped_total 0.0" in metrics
+        process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(asyncio.to_thread(stderr.read), 60)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        stderr.close()
+    entries = [json.loads(line) for line in rest.splitlines()]
+    assert sum(e["event"] == "request" for e in entries) == 100
+    assert not any(e["event"] == "log records dropped" for e in entries)
