@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import ssl
+import weakref
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -350,7 +351,7 @@ class _HeadMeter:
                 # A malformed body (e.g. chunked): its reader fails at once (400) instead of
                 # waiting for the rest until body_timeout_s.
                 self._refused = True
-                self._stop_clock()
+                self.stop_clock()
                 self._guard.closed("bad_request")
                 self._body.set_exception(exc)
                 self._body.feed_eof()
@@ -365,7 +366,7 @@ class _HeadMeter:
         if messages:
             if any(_head_size(message) > limit for message, _ in messages):
                 return self._refuse("header_bytes", _HEAD_TOO_LARGE)
-            self._stop_clock()
+            self.stop_clock()
             self._head_bytes = 0
             body = messages[-1][1]
             self._body = None if body.is_eof() else body
@@ -376,7 +377,7 @@ class _HeadMeter:
     def _refuse(self, reason: str, answer: bytes) -> tuple[list[Any], bool, bytes]:
         """Answer (empty body) and close; only close while an earlier request is answered."""
         self._refused = True
-        self._stop_clock()
+        self.stop_clock()
         self._guard.closed(reason)
         busy = getattr(self._handler, "_request_in_progress", True) or \
             getattr(self._handler, "_messages", True)
@@ -387,19 +388,32 @@ class _HeadMeter:
         return _NOTHING
 
     def _start_clock(self) -> None:
+        # The timer holds the meter weakly: aiohttp lets go of a connection's parser when the
+        # connection is lost, and the meter (with the handler and transport it holds) is freed
+        # then, its timer cancelled, not header_timeout_s later. A flood of short connections
+        # would otherwise pile up, TLS buffers and all.
         self._timer = asyncio.get_running_loop().call_later(
-            self._limits.header_timeout_s, self._head_timed_out)
+            self._limits.header_timeout_s, _head_timed_out, weakref.ref(self))
 
-    def _stop_clock(self) -> None:
+    def __del__(self) -> None:
+        self.stop_clock()
+
+    def stop_clock(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _head_timed_out(self) -> None:
+    def head_timed_out(self) -> None:
         self._timer = None
         if not self._refused and not self._transport.is_closing():
             self._guard.closed("header_timeout")
             self._transport.abort()
+
+
+def _head_timed_out(meter: weakref.ref[_HeadMeter]) -> None:
+    alive = meter()
+    if alive is not None:
+        alive.head_timed_out()
 
 
 def _head_size(message: Any) -> int:

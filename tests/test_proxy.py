@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import gateway.app as app_module
 from gateway.envelope import CONTENT_TYPES
 from tests.e2e import (
     ANSWER,
@@ -484,6 +486,48 @@ async def test_slowloris_heads_and_too_many_connections_are_closed(
         metrics = gateway.metrics.render().decode()
     assert 'gateway_connections_closed_total{reason="header_timeout",route="in"} 1.0' in metrics
     assert 'reason="max_connections",route="in"}' in metrics
+
+
+def live_head_meters() -> int:
+    gc.collect()
+    return sum(isinstance(o, app_module._HeadMeter) for o in gc.get_objects())
+
+
+async def test_a_closed_connection_is_freed_at_once_not_at_its_head_timeout(
+    request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """A connection's head timer holds its meter, handler and transport: closing the connection
+    cancels it, so a flood of short connections does not pile up for header_timeout_s."""
+    google = google_for(request, "jose")
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  limits="limits: {header_timeout_s: 600}")
+    async with running_gateway(tmp_path, text) as gateway:
+        port = gateway.routes["in"].port
+        before = live_head_meters()
+        writers = []
+        for _ in range(20):
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=pki.client_context(), server_hostname="localhost")
+            writer.write(b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: x\r\n")  # half a head
+            await writer.drain()
+            writers.append(writer)
+        assert await settles(lambda: live_head_meters() == before + 20)  # one per connection
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        del writers, writer
+        assert await settles(lambda: live_head_meters() == before)
+
+
+async def settles(condition: Callable[[], bool]) -> bool:
+    """Whether `condition` holds within a few seconds (the gateway's side of a connect or a
+    close lands a few loop iterations after the client's)."""
+    for _ in range(100):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
