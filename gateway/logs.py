@@ -101,8 +101,7 @@ class _Writer(logging.handlers.QueueListener):
             self.queue.put(self._sentinel, timeout=timeout)  # type: ignore[attr-defined]
         except queue.Full:
             return
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.join(timeout)
         self._thread = None
 
     def handle(self, record: logging.LogRecord) -> None:
@@ -116,10 +115,16 @@ class _Writer(logging.handlers.QueueListener):
 
     def _write(self, record: logging.LogRecord) -> None:
         try:
-            self._stream.write(self._formatter.format(record) + "\n")
+            line = self._formatter.format(record)
+        except Exception as exc:  # one bad record must not end the writer
+            # Its type only: the record's own text may hold what a log must not.
+            line = json.dumps({"level": "error", "event": "log record could not be written",
+                               "logger": record.name, "exception": type(exc).__name__})
+        try:
+            self._stream.write(line + "\n")
             self._stream.flush()
-        except (OSError, ValueError):  # stderr closed or gone: nothing else to tell it to
-            pass
+        except (OSError, ValueError):  # stderr closed or gone: the line is lost, and counted
+            self._outbox.on_drop()
 
 
 _outbox: _Outbox | None = None

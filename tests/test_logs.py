@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import logs
 from gateway.logs import JsonFormatter, count_drops, setup_logging
 from gateway.metrics import Metrics
 from tests.e2e import Google, Pki, config, google_for
@@ -163,30 +164,36 @@ class StalledStream(io.StringIO):
         self._open.set()
 
 
-def test_a_stalled_stderr_never_holds_up_logging_and_drops_are_counted() -> None:
+@pytest.fixture
+def own_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup_logging may replace the root logger's handlers and level and the drop hook: all
+    three are put back after the test."""
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(logs, "_outbox", None)
+
+
+@pytest.mark.usefixtures("own_logging")
+def test_a_stalled_stderr_never_holds_up_logging_and_drops_are_counted() -> None:
     stream = StalledStream()
     metrics = Metrics()
-    try:
-        writer = setup_logging("info", records=8, stream=stream)
-        count_drops(metrics.log_records_dropped.inc)
-        logger = logging.getLogger("tests.stalled")
-        done = threading.Event()
+    writer = setup_logging("info", records=8, stream=stream)
+    count_drops(metrics.log_records_dropped.inc)
+    logger = logging.getLogger("tests.stalled")
+    done = threading.Event()
 
-        def log_many() -> None:
-            for i in range(50):
-                logger.info("line", extra={"fields": {"i": i}})
-            done.set()
+    def log_many() -> None:
+        for i in range(50):
+            logger.info("line", extra={"fields": {"i": i}})
+        done.set()
 
-        threading.Thread(target=log_many, daemon=True).start()
-        # Liveness, not speed: with a blocking handler this thread would never finish.
-        assert done.wait(60), "logging waited on a stalled stderr"
-        dropped = metrics.registry.get_sample_value("gateway_log_records_dropped_total")
-        stream.drain()
-        writer.stop()
-    finally:
-        root.handlers[:], root.level = saved
+    threading.Thread(target=log_many, daemon=True).start()
+    # Liveness, not speed: with a blocking handler this thread would never finish.
+    assert done.wait(60), "logging waited on a stalled stderr"
+    dropped = metrics.registry.get_sample_value("gateway_log_records_dropped_total")
+    stream.drain()
+    writer.stop()
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     written = [e["i"] for e in entries if e["event"] == "line"]
     notes = [e for e in entries if e["event"] == "log records dropped"]
@@ -245,3 +252,25 @@ async def test_the_gateway_keeps_answering_while_nobody_reads_its_stderr(
     entries = [json.loads(line) for line in rest.splitlines()]
     assert sum(e["event"] == "request" for e in entries) == 100
     assert not any(e["event"] == "log records dropped" for e in entries)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError(f"card {CARD}")
+
+
+@pytest.mark.usefixtures("own_logging")
+def test_a_record_that_cannot_be_formatted_does_not_stop_the_writer() -> None:
+    """A field whose text cannot be made (json.dumps falls back on str(), which raises) is
+    written as one line naming the exception's type, with nothing of the record's text, and the
+    records after it are written as usual."""
+    stream = io.StringIO()
+    writer = setup_logging("info", stream=stream)
+    logger = logging.getLogger("tests.unprintable")
+    logger.info("bad", extra={"fields": {"value": Unprintable()}})
+    logger.info("after", extra={"fields": {"n": 1}})
+    writer.stop()
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["event"] for e in entries] == ["log record could not be written", "after"]
+    assert entries[0]["exception"] == "RuntimeError" and entries[0]["logger"] == "tests.unprintable"
+    assert CARD not in stream.getvalue()
