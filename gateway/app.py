@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import ssl
+import threading
 import weakref
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -329,6 +331,8 @@ class _HeadMeter:
         self._body: Any = None  # the payload of the last request, until it is complete
         self._head_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._refused = False
         self._start_clock()  # the first head's clock starts at the connection
 
@@ -392,11 +396,21 @@ class _HeadMeter:
         # connection is lost, and the meter (with the handler and transport it holds) is freed
         # then, its timer cancelled, not header_timeout_s later. A flood of short connections
         # would otherwise pile up, TLS buffers and all.
-        self._timer = asyncio.get_running_loop().call_later(
+        self._timer = self._loop.call_later(
             self._limits.header_timeout_s, _head_timed_out, weakref.ref(self))
 
     def __del__(self) -> None:
-        self.stop_clock()
+        # A loop's timers are its own thread's: freed there (aiohttp letting go of the parser),
+        # the timer is cancelled at once; freed anywhere else (the cycle collector runs in
+        # whichever thread allocates), the cancel is handed to the loop.
+        timer, self._timer = self._timer, None
+        if timer is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            timer.cancel()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(timer.cancel)
 
     def stop_clock(self) -> None:
         if self._timer is not None:

@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
 
+import gateway.app as app_module
 from gateway.app import Gateway
 from tests.e2e import (
     ANSWER,
@@ -241,3 +243,31 @@ async def test_each_engine_runs_in_its_executor(
     assert len(names) == 16 and all(n.startswith(f"{threads}_") for n in names)
     assert gateway.gpg_slots == gateway.slots + 1
     assert homes == (gateway.gpg_slots if kind == "pgp" else 0)
+
+
+@pytest.mark.parametrize("freed_in", ["loop", "thread"])
+async def test_a_head_meters_timer_is_cancelled_on_the_loop_wherever_the_meter_is_freed(
+    monkeypatch: pytest.MonkeyPatch, freed_in: str
+) -> None:
+    """A closed connection's _HeadMeter cancels its head timer when it is freed. A loop's
+    timers belong to its thread: freed in another (the cycle collector runs where it pleases),
+    the cancel is handed to the loop rather than made from there."""
+    cancels: list[int] = []
+    real = asyncio.TimerHandle.cancel
+
+    def cancel(self: asyncio.TimerHandle) -> None:
+        cancels.append(threading.get_ident())
+        real(self)
+
+    monkeypatch.setattr(asyncio.TimerHandle, "cancel", cancel)
+    limits = SimpleNamespace(header_timeout_s=600, max_header_bytes=1024)
+    meters = [app_module._HeadMeter(None, limits, None, None, None)]  # type: ignore[arg-type]
+    timer = meters[0]._timer
+    assert timer is not None and not timer.cancelled()
+    if freed_in == "loop":
+        meters.clear()
+    else:
+        await asyncio.to_thread(meters.clear)
+        await asyncio.sleep(0)  # the loop runs what it was handed
+    assert timer.cancelled()
+    assert cancels == [threading.get_ident()]
