@@ -88,6 +88,15 @@ def _b64len(n: int) -> int:
     return (4 * n + 2) // 3
 
 
+def _decoded(parts: list[bytes]) -> list[bytes] | None:
+    """Each part decoded (unpadded base64url, checked as it is decoded: one pass over the
+    text), or None when one is not."""
+    try:
+        return [b64url.decode(part) for part in parts]
+    except MalformedError:
+        return None
+
+
 def _header(members: dict[str, Any]) -> bytes:
     return b64url.encode(json.dumps(members, separators=(",", ":")).encode("utf-8"))
 
@@ -465,21 +474,17 @@ class JoseEnvelope:
                 raise MalformedError(f"JWE {name} of {len(segment)} characters (at most {limit})")
         if len(ciphertext) > self._ciphertext_limit:
             raise TooLargeError("JWE ciphertext is larger than the plaintext cap allows")
-        if not all(b64url.is_unpadded(p) for p in parts):
+        decoded = _decoded(parts)
+        if decoded is None:
             raise MalformedError("not a compact JWE (a part is not base64url)")
         if not (protected and iv and tag):
             raise MalformedError("not a compact JWE (empty header, iv or tag)")
-        header = _json_object(b64url.decode(protected))
+        raw_header, raw_key, raw_iv, raw_ciphertext, raw_tag = decoded
+        header = _json_object(raw_header)
         if header is None:
             raise MalformedError("JWE protected header is not a JSON object")
-        return _Jwe(
-            header=header,
-            protected=protected,
-            encrypted_key=b64url.decode(encrypted_key),
-            iv=b64url.decode(iv),
-            ciphertext=b64url.decode(ciphertext),
-            tag=b64url.decode(tag),
-        )
+        return _Jwe(header=header, protected=protected, encrypted_key=raw_key, iv=raw_iv,
+                    ciphertext=raw_ciphertext, tag=raw_tag)
 
     def _check_jwe_header(self, header: dict[str, Any]) -> None:
         opts = self.options
@@ -546,9 +551,11 @@ class JoseEnvelope:
             raise SignatureError("JWS header or signature is oversized")
         if len(payload) > _b64len(self.max_plaintext_bytes):
             raise TooLargeError(f"JWS payload is over the cap of {self.max_plaintext_bytes} bytes")
-        if not all(b64url.is_unpadded(p) for p in parts) or not protected:
+        decoded = _decoded(parts)
+        if decoded is None or not protected:
             raise SignatureError("a JWE whose payload is not a compact JWS")
-        header = _json_object(b64url.decode(protected))
+        raw_header, raw_payload, raw_signature = decoded
+        header = _json_object(raw_header)
         if header is None:
             raise SignatureError("JWS protected header is not a JSON object")
         alg = header.get("alg")
@@ -564,7 +571,6 @@ class JoseEnvelope:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise SignatureError("JWS kid is not a string")
-        raw_signature = b64url.decode(signature)
         if len(raw_signature) != _EC_SIGNATURE_BYTES.get(alg, len(raw_signature)):
             raise SignatureError(f"{alg} signature of {len(raw_signature)} bytes")
         candidates = self.peer.verifiers()
@@ -579,7 +585,7 @@ class JoseEnvelope:
                     _verify_with(key, alg, signing_input, raw_signature)
                 except SignatureError:
                     continue
-                return b64url.decode(payload), key
+                return raw_payload, key
         if kid is not None:
             raise SignatureError(f"bad signature by peer key '{kid}'")
         raise SignatureError("no enabled, unexpired peer key verifies the JWS")
