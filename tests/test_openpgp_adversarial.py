@@ -44,21 +44,6 @@ def partner(native_envelope: MakeNative) -> NativePgpEnvelope:
     return native_envelope(OWN, PEER)
 
 
-def test_a_sha1_signature_beside_a_good_one_is_fine(
-    partner: NativePgpEnvelope, craft: Craft  # noqa: F811
-) -> None:
-    """The gnupg engine refuses this one (AlgorithmError): an engine difference, not shared."""
-    inner = craft.sig("google-a", SECRET, hash_id=2) + craft.sig("google-a", SECRET) + \
-        craft.literal(SECRET)
-    assert partner.open(b64url(craft.encrypt(inner))).verified_by == ("google-a",)
-
-
-def test_a_passphrase_beside_our_key(partner: NativePgpEnvelope, gpg_peer: GpgPeer) -> None:
-    """The gnupg engine opens this one: an engine difference, not shared."""
-    body = gpg_peer.seal(SECRET, ["google-a"], ["partner-a"], symmetric="guessable")
-    refused(partner, body, MalformedError)
-
-
 def test_a_flood_of_session_keys_is_refused_at_once(
     partner: NativePgpEnvelope, good: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
