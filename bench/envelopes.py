@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -55,9 +56,12 @@ class Result:
 def measure(
     candidates: dict[str, Callable[[], object]], seconds: float, min_runs: int = 5
 ) -> dict[str, tuple[float, float, int]]:
-    """Run every candidate once per round, in turn, until `seconds` per candidate are spent:
-    load from elsewhere on the machine then falls on all of them alike. Returns, per name,
-    round trips per second (runs over time spent in it), median milliseconds and runs."""
+    """Run every candidate once per round until `seconds` per candidate are spent: load from
+    elsewhere on the machine then falls on all of them alike. The order is shuffled every round
+    (seeded, so runs repeat it): a round trip right after another candidate's finds the caches
+    full of that one's code and data, and a fixed order would charge that to the same rows
+    every time. Returns, per name, round trips per second (runs over time spent in it), median
+    milliseconds and runs."""
     for trip in candidates.values():
         trip()
         trip()
@@ -66,8 +70,11 @@ def measure(
     budget = seconds * len(candidates)
     started = time.perf_counter()
     rounds = 0
+    order = list(candidates.items())
+    shuffle = random.Random(len(order)).shuffle
     while rounds < min_runs or time.perf_counter() - started < budget:
-        for name, trip in candidates.items():
+        shuffle(order)
+        for name, trip in order:
             t0 = time.perf_counter()
             trip()
             times[name].append(time.perf_counter() - t0)
