@@ -289,6 +289,27 @@ async def post(gateway: Gateway, route: str, body: bytes, *, ctx: ssl.SSLContext
         return response.status, dict(response.headers), await response.read()
 
 
+async def post_until_closed(gateway: Gateway, route: str, body: bytes, pki: Pki,
+                            timeout: float) -> tuple[list[bytes], bytes]:
+    """POST `body` on a kept-alive TLS connection and read until the gateway closes it: (the
+    answer's status line and header lines, its body). A connection the gateway keeps open
+    raises TimeoutError after `timeout` seconds."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gateway.routes[route].port, ssl=pki.client_context(),
+        server_hostname="localhost")
+    try:
+        writer.write(b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        answer = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        with suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), rest
+
+
 def google_for(request: pytest.FixtureRequest, kind: str) -> Google:
     """The stand-in Google for "pgp" (gpg CLI, gnupg engine route), "pgp-native" (gpg CLI,
     native engine route) or "jose" (panva jose), from the session fixtures."""

@@ -29,6 +29,7 @@ from tests.e2e import (
     config,
     google_for,
     post,
+    post_until_closed,
     running_gateway,
 )
 from tests.jose_fixtures import JoseKeys, NodeJose
@@ -106,6 +107,28 @@ async def test_drain_finishes_requests_in_flight(
         assert await drain == 0
     assert status == 200
     assert headers.get("Connection") == "close"
+
+
+async def test_while_draining_each_answer_closes_its_connection(
+    google: JoseGoogle, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    """During drain_delay_s requests are still served, and the gateway closes each connection
+    after its answer (not only says so in a header), so clients reconnect to other pods."""
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    partner = await StandIn(json_answer(ANSWER)).start()
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  top={"drain_delay_s": 5, "shutdown_timeout_s": 5})
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            drain = asyncio.create_task(gateway.drain())
+            while not gateway.draining:
+                await asyncio.sleep(0.01)
+            # To the end of the stream, well before drain_delay_s ends the listeners.
+            head, _ = await post_until_closed(gateway, "in", sealed, pki, 2)
+            assert await drain == 0
+    finally:
+        await partner.stop()
+    assert head[0] == b"HTTP/1.1 200 OK" and b"Connection: close" in head[1:]
 
 
 async def test_drain_cut_off_by_the_timeout_returns_1(

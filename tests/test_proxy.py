@@ -31,6 +31,7 @@ from tests.e2e import (
     google_service,
     memory_handshake,
     post,
+    post_until_closed,
     running_gateway,
 )
 from tests.peers import ConnectProxy, StandIn, echo_partner, json_answer, slow
@@ -200,9 +201,11 @@ async def test_non_post_is_405(
     assert partner.calls == []
 
 
-async def test_overload_is_503_with_retry_after(
+async def test_overload_is_503_with_retry_after_and_the_connection_closed(
     google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
 ) -> None:
+    """Past max_inflight: 503 + Retry-After at once, and the gateway closes the connection (a
+    client that ignores Retry-After must reconnect before it can send the next request)."""
     sealed = await asyncio.to_thread(google.seal, REQUEST)
     partner = await StandIn(slow(1.5, json_answer(ANSWER))).start()
     text = config(google, runtime_dir, pki, inbound_url=partner.url,
@@ -212,11 +215,14 @@ async def test_overload_is_503_with_retry_after(
             first = asyncio.create_task(post(gateway, "in", sealed, ctx=pki.client_context()))
             while not partner.calls:
                 await asyncio.sleep(0.02)
-            status, headers, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+            # Read to the end of the stream: a connection kept alive would time out.
+            lines, body = await post_until_closed(gateway, "in", sealed, pki, 5)
             assert (await first)[0] == 200
     finally:
         await partner.stop()
-    assert (status, body, headers["Retry-After"]) == (503, b"", "1")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert {b"Retry-After: 1", b"Connection: close", b"Content-Length: 0"} <= set(lines[1:])
+    assert body == b""
     assert len(partner.calls) == 1
 
 
