@@ -963,6 +963,11 @@ class PgpEnvelope:
         self.cpu_seconds of CPU). If the agent asked for a passphrase of one of our protected
         keys, it lost its presets (it died and gpg started a new one): preset again, retry
         once."""
+        if self._closed:
+            # Its home is gone: gpg would report the keys missing, which reads as a verdict on
+            # the message (4xx) or the keys. The gateway never does this (an envelope is closed
+            # once no request holds it); should it ever, it is the engine's failure (500).
+            raise EngineError("the GnuPG envelope is closed (its configuration was replaced)")
         limits: dict[str, int] = (
             {"max_signatures": MAX_SIGNATURES, "cpu_seconds": self.cpu_seconds} if bounded else {}
         )

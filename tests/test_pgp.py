@@ -417,7 +417,7 @@ def test_seal_and_open_from_many_threads(pgp_engine: PgpEngine) -> None:
 
 
 def test_close_stops_the_agent_and_removes_the_home(
-    pgp_keyset: Callable[..., Keyset], runtime_dir: Path
+    pgp_keyset: Callable[..., Keyset], runtime_dir: Path, gpg_peer: GpgPeer
 ) -> None:
     home = runtime_dir / "h"
     envelope = PgpEnvelope(
@@ -427,11 +427,19 @@ def test_close_stops_the_agent_and_removes_the_home(
     )
     assert home.stat().st_mode & 0o777 == 0o700
     assert gpg_processes_under(home, wait_s=0)
+    body = gpg_peer.seal(PLAINTEXT, ["google-a"], ["partner-pw"])
     envelope.seal(PLAINTEXT)
+    assert envelope.open(body).plaintext == PLAINTEXT
     envelope.close()
     envelope.close()
     assert not home.exists()
     assert gpg_processes_under(home) == []
+    # Used after close (never by the gateway, which closes an envelope once no request holds
+    # it): an engine error (500), not a verdict on the message or the keys.
+    for use in (lambda: envelope.seal(PLAINTEXT), lambda: envelope.open(body)):
+        with pytest.raises(EngineError, match="closed"):
+            use()
+    assert not home.exists()
 
 
 def test_protected_keys_survive_an_agent_restart(
