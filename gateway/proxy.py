@@ -135,7 +135,7 @@ class Proxy:
                 # The connection is closed too: a client that ignores Retry-After then pays a
                 # new handshake before each retry, instead of the gateway paying a read and a
                 # 503 per retry on a kept-alive connection, which starved the admitted requests
-                # (bench/README.md: 2xx 78-106 -> 328-342 rt/s under a 256-connection flood).
+                # (bench/README.md: 2xx ~75-110 -> ~280-345 rt/s under a 256-connection flood).
                 response = self._failure(route, Failure(
                     503, "overloaded", "request", {"Retry-After": "1", "Connection": "close"}))
             else:
