@@ -31,9 +31,13 @@ class CleanPoolConnector(aiohttp.TCPConnector):
 
 def upstream_session() -> aiohttp.ClientSession:
     """The process's client session: no pool limit, no environment proxies, bodies as sent
-    (no decompression), no headers beyond what the proxy sets, timeouts set per exchange."""
+    (no decompression), no headers beyond what the proxy sets, timeouts set per exchange, and
+    no cookie jar: the session serves every request of the process, and a cookie one answer
+    sets (a load balancer's affinity cookie, say) would otherwise ride along on the next
+    requests, whoever they come from."""
     return aiohttp.ClientSession(
         connector=CleanPoolConnector(limit=0, enable_cleanup_closed=True),
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
         trust_env=False,
         auto_decompress=False,

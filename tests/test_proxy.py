@@ -190,6 +190,30 @@ async def test_inbound_partner_failures(
     assert refused[0::2] == (502, b"")
 
 
+async def test_no_cookie_set_by_an_upstream_is_sent_back_on_later_requests(
+    google: Google, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    """The upstream session is shared by every request of the process: a cookie one answer
+    sets must not ride along on the next request (hidden state across Google's requests)."""
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+
+    async def with_cookie(request: aiohttp.web.Request, body: bytes) -> aiohttp.web.Response:
+        return aiohttp.web.Response(body=ANSWER, headers={
+            "Content-Type": PLAINTEXT_TYPE, "Set-Cookie": "affinity=pod-7; Path=/"})
+
+    partner = await StandIn(with_cookie).start()
+    # A host name, not an address: aiohttp's default jar ignores cookies from addresses.
+    text = config(google, runtime_dir, pki, inbound_url=f"http://localhost:{partner.port}")
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            for _ in range(2):
+                assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
+    finally:
+        await partner.stop()
+    assert len(partner.calls) == 2
+    assert [c.headers.get("Cookie") for c in partner.calls] == [None, None]
+
+
 async def test_non_post_is_405(
     google: Google, partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
 ) -> None:
