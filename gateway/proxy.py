@@ -56,6 +56,7 @@ _MESSAGES = {
     "overloaded": "Too many requests are in progress; retry later.",
     "engine": "The crypto engine failed; see the gateway's log.",
     "method": "Only POST is proxied.",
+    "target": "The request target must be a path, not a full URL: this is not a forward proxy.",
     "request_timeout": "The request body did not arrive within the configured time.",
 }
 
@@ -128,16 +129,23 @@ class Proxy:
             limits = snapshot.config.limits
             direction = route.config.direction
             record: dict[str, Any] = {"route": self.route_name, "direction": direction}
+            refused: Failure | None = None
             if request.method != "POST":
-                response = self._failure(route, Failure(405, "method", "request",
-                                                        {"Allow": "POST"}))
+                refused = Failure(405, "method", "request", {"Allow": "POST"})
+            elif not request.raw_path.startswith("/"):
+                # Only a path is forwarded onto the upstream's base URL: an absolute-form target
+                # (`http://host/...`, RFC 9112 3.2.2) is refused before anything is read.
+                refused = Failure(400, "target", "request", {"Connection": "close"})
             elif self.inflight.count >= limits.inflight:
                 # The connection is closed too: a client that ignores Retry-After then pays a
                 # new handshake before each retry, instead of the gateway paying a read and a
                 # 503 per retry on a kept-alive connection, which starved the admitted requests
                 # (bench/README.md: 2xx ~75-110 -> ~280-345 rt/s under a 256-connection flood).
-                response = self._failure(route, Failure(
-                    503, "overloaded", "request", {"Retry-After": "1", "Connection": "close"}))
+                refused = Failure(503, "overloaded", "request",
+                                  {"Retry-After": "1", "Connection": "close"})
+            if refused is not None:
+                record["reason"] = refused.reason
+                response = self._failure(route, refused)
             else:
                 self.inflight.enter()
                 try:

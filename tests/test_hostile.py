@@ -443,6 +443,29 @@ def test_malformed_http_is_refused(gateway: Running, case: str) -> None:
     assert_healthy(gateway)
 
 
+@pytest.mark.parametrize("target", [b"http://evil.example/cards-qr-v1/echo",
+                                    b"HTTPS://localhost/cards-qr-v1/echo"])
+def test_a_request_target_that_is_not_a_path_is_400_before_any_crypto(
+    gateway: Running, target: bytes
+) -> None:
+    """An absolute-form target (RFC 9112 3.2.2), with a good sealed body: 400 at once, nothing
+    opened, the partner never called. It once got as far as the forward, whose URL it broke:
+    aiohttp's own 500 page, after the message had been opened."""
+    calls = len(gateway.partner.calls)
+    before = counted(gateway)
+    opened = total(admin_get(gateway, "/metrics")[1], "gateway_crypto_duration_seconds_count",
+                   route="in", op="open")
+    status, _, body = exchange(gateway, b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(gateway.sealed)
+                               + gateway.sealed)
+    assert (status, body) == (400, b"")
+    expect(gateway, before, {"400": 1, "requests": 1})
+    assert total(admin_get(gateway, "/metrics")[1], "gateway_crypto_duration_seconds_count",
+                 route="in", op="open") == opened
+    assert len(gateway.partner.calls) == calls
+    assert_healthy(gateway)
+
+
 def test_malformed_chunked_body_after_its_head_is_refused(gateway: Running) -> None:
     """The head alone first, so the error comes while the request's body is being read."""
     calls = len(gateway.partner.calls)

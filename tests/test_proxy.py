@@ -307,6 +307,15 @@ async def test_outbound_failures(
             assert (status, error_of(body)) == (413, "too_large")
             status, _, body = await post(gateway, "out", b"")
             assert (status, error_of(body)) == (400, "malformed")
+            # A caller that takes the gateway for a forward proxy sends a full URL.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.routes["out"].port)
+            writer.write(b"POST http://vgw.example/gsp/cards-qr-v1/echo/1 HTTP/1.1\r\n"
+                         b"Host: vgw.example\r\nContent-Length: %d\r\n\r\n" % len(REQUEST)
+                         + REQUEST)
+            answer = await asyncio.wait_for(reader.read(), 5)  # and the connection closed
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 ")
+            assert error_of(answer.partition(b"\r\n\r\n")[2]) == "target"
             calls = len(service.calls)
     finally:
         await service.stop()
