@@ -142,6 +142,14 @@ def _env(home: Path) -> dict[str, str]:
     }
 
 
+# Status keywords that say why a call failed (doc/DETAILS of GnuPG); their arguments are error
+# locations and codes, key ids at most.
+_DIAGNOSTIC_STATUSES = frozenset({
+    "ERROR", "FAILURE", "NEED_PASSPHRASE", "MISSING_PASSPHRASE", "BAD_PASSPHRASE",
+    "PINENTRY_LAUNCHED", "INV_SGNR", "INV_RECP", "NO_SGNR", "KEYEXPIRED", "KEYREVOKED",
+})
+
+
 class _Status(gnupg.StatusHandler):  # type: ignore[misc]
     """Every status line of one gpg call, in order, plus its stdout and stderr. With
     `max_signatures`, the gpg process is killed at the NEWSIG line past it (`flooded`); past
@@ -214,6 +222,15 @@ class _Status(gnupg.StatusHandler):  # type: ignore[misc]
 
     def index(self, keyword: str, default: int) -> int:
         return next((i for i, (key, _) in enumerate(self.lines) if key == keyword), default)
+
+    def diagnosis(self) -> str:
+        """Why a gpg call failed, safe for a log line: its exit status and the status lines
+        that name a failure (ERROR and FAILURE with their location and code, passphrase and key
+        trouble by keyword alone); never stderr, which quotes user ids."""
+        said = dict.fromkeys(
+            " ".join([key, *value[:2]]) if key in ("ERROR", "FAILURE") else key
+            for key, value in self.lines if key in _DIAGNOSTIC_STATUSES)
+        return f"exit status {self.returncode}" + (f": {', '.join(said)}" if said else "")
 
 
 def _reap(process: subprocess.Popen[bytes]) -> None:
@@ -1012,7 +1029,7 @@ class PgpEnvelope:
             or not status.has("END_ENCRYPTION")
             or status.returncode != 0
         ):
-            raise EngineError("gpg could not sign and encrypt")
+            raise EngineError(f"gpg could not sign and encrypt ({status.diagnosis()})")
         body = b64url.encode(status.data, padding=o.base64_padding)
         return Sealed(
             body=body,
@@ -1058,8 +1075,7 @@ class PgpEnvelope:
             # The message passed _check_structure, so gpg says something about any message it
             # reads; nothing but a failure means gpg itself could not run (a bad option, a
             # fatal start-up error): not the sender's fault.
-            raise EngineError(f"gpg exited with status {status.returncode} before reading "
-                              "the message")
+            raise EngineError(f"gpg exited before reading the message ({status.diagnosis()})")
         decrypted_by = self._check_encryption(status, message)
         if _MAX_OUTPUT_HIT.search(status.stderr) or len(status.data) >= cap:
             raise TooLargeError(f"plaintext is over the {self.max_plaintext_bytes} byte limit")

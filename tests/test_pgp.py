@@ -442,6 +442,25 @@ def test_close_stops_the_agent_and_removes_the_home(
     assert not home.exists()
 
 
+def test_a_failed_seal_says_what_gpg_reported(
+    pgp_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seal gpg could not make names gpg's exit status and failure codes (a flake of this
+    kind once showed only "gpg could not sign and encrypt"), never its stderr."""
+    partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    failed = pgp._Status.__new__(pgp._Status)
+    failed.returncode, failed.stderr, failed.data = 2, "gpg: signing failed: SECRET-USERID", b""
+    failed.lines = [("KEY_CONSIDERED", ["F" * 40, "0"]), ("ERROR", ["sign_encrypt", "67108949"]),
+                    ("MISSING_PASSPHRASE", []), ("FAILURE", ["sign", "67108949", "x"]),
+                    ("MISSING_PASSPHRASE", [])]
+    monkeypatch.setattr(partner, "_run", lambda args, data, **limits: failed)
+    with pytest.raises(EngineError) as caught:
+        partner.seal(PLAINTEXT)
+    assert str(caught.value) == (
+        "gpg could not sign and encrypt (exit status 2: ERROR sign_encrypt 67108949, "
+        "MISSING_PASSPHRASE, FAILURE sign 67108949)")
+
+
 def test_protected_keys_survive_an_agent_restart(
     pgp_envelope: MakeEnvelope, gpg_peer: GpgPeer
 ) -> None:
