@@ -114,8 +114,9 @@ GPG_CPU_SECONDS = 1
 _SESSION_KEY_TAGS = {1, 3}  # public-key and symmetric-key encrypted session key
 _ENCRYPTED_DATA_TAGS = {9, 18, 20}  # SED, SEIPD, AEAD; gpg then refuses all but SEIPD+MDC
 _PASSPHRASE_STATUSES = {"BAD_PASSPHRASE", "MISSING_PASSPHRASE", "INQUIRE_MAXLEN"}
-# gpg's stderr (status lines and messages) one call may produce: a legitimate open says a few
-# kB (a line per recipient and signature, within the caps above); past this gpg is stopped.
+# What one call may make gpg say, on its status pipe and on stderr (messages), each: a legitimate
+# open says a few kB (a line per recipient and signature, within the caps above); past this gpg
+# is stopped.
 MAX_STDERR_BYTES = 1 << 20
 _PIPE_CHUNK = 64 * 1024
 
@@ -151,10 +152,12 @@ _DIAGNOSTIC_STATUSES = frozenset({
 
 
 class _Status(gnupg.StatusHandler):  # type: ignore[misc]
-    """Every status line of one gpg call, in order, plus its stdout and stderr. With
-    `max_signatures`, the gpg process is killed at the NEWSIG line past it (`flooded`); past
-    MAX_STDERR_BYTES of stderr it is killed too (`flooded` and `overflowed`: only a hostile
-    message makes gpg say that much)."""
+    """Every status line of one gpg call, in order, plus its stdout and stderr. Status lines
+    come on a pipe of their own (`--status-fd`), never from stderr, whose messages quote what
+    messages and keys hold (user ids, file names): a line there that looks like a status line
+    is only text. With `max_signatures`, the gpg process is killed at the NEWSIG line past it
+    (`flooded`); past MAX_STDERR_BYTES on either stream it is killed too (`flooded` and
+    `overflowed`: only a hostile message makes gpg say that much)."""
 
     def __init__(self, gpg: Any, max_signatures: int | None = None) -> None:
         super().__init__(gpg)
@@ -168,8 +171,9 @@ class _Status(gnupg.StatusHandler):  # type: ignore[misc]
         self.flooded = False
         self.overflowed = False
         self._encoding: str = gpg.encoding
+        self._status = bytearray()
+        self._parsed = 0  # bytes of _status already split into lines
         self._stderr = bytearray()
-        self._parsed = 0  # bytes of _stderr already split into lines
 
     def handle_status(self, key: str, value: str) -> None:
         if self.flooded:
@@ -186,24 +190,33 @@ class _Status(gnupg.StatusHandler):  # type: ignore[misc]
             with contextlib.suppress(OSError):
                 self.process.kill()
 
-    def feed_stderr(self, chunk: bytes) -> None:
-        """Take the next bytes of gpg's stderr; act on each status line as it completes (the
+    def feed_status(self, chunk: bytes) -> None:
+        """Take the next bytes of gpg's status pipe; act on each line as it completes (the
         signature cap must stop gpg while it runs)."""
-        self._stderr += chunk
-        if len(self._stderr) > MAX_STDERR_BYTES:
-            self.overflowed = True
-            self._flood()
+        self._status += chunk
+        if self._over(self._status):
             return
-        end = self._stderr.rfind(b"\n") + 1
+        end = self._status.rfind(b"\n") + 1
         if end > self._parsed:
-            for line in bytes(self._stderr[self._parsed:end]).splitlines():
+            for line in bytes(self._status[self._parsed:end]).splitlines():
                 self._line(line)
             self._parsed = end
 
-    def close_stderr(self) -> None:
-        """gpg closed its stderr: the last, unterminated line too, then the whole text."""
-        if self._parsed < len(self._stderr) and not self.flooded:
-            self._line(bytes(self._stderr[self._parsed:]))
+    def feed_stderr(self, chunk: bytes) -> None:
+        """Take the next bytes of gpg's messages (text only: never parsed for status)."""
+        self._stderr += chunk
+        self._over(self._stderr)
+
+    def _over(self, stream: bytearray) -> bool:
+        if len(stream) > MAX_STDERR_BYTES:
+            self.overflowed = True
+            self._flood()
+        return self.overflowed
+
+    def close_streams(self) -> None:
+        """gpg closed both: the last, unterminated status line too, then the messages' text."""
+        if self._parsed < len(self._status) and not self.flooded:
+            self._line(bytes(self._status[self._parsed:]))
         self.stderr = self._stderr.decode(self._encoding, "replace")
 
     def _line(self, raw: bytes) -> None:
@@ -244,19 +257,19 @@ def _reap(process: subprocess.Popen[bytes]) -> None:
                 stream.close()
 
 
-def _exchange(process: subprocess.Popen[bytes], data: bytes, status: _Status,
+def _exchange(process: subprocess.Popen[bytes], data: bytes, status: _Status, status_fd: int,
               deadline: float) -> bool:
     """Write `data` to gpg's stdin and read its stdout and stderr, all in the calling thread,
     until gpg closes both (python-gnupg starts a writer and two reader threads per call, reads
     stdout 1 KiB and stderr one decoded line at a time: under load those threads and their GIL
     hand-offs cost more than the gpg process itself). A gpg that stops reading its input is not
     an error here: its status lines say why. Returns False if the deadline passed first (gpg is
-    then killed)."""
+    then killed). `status_fd`: the reading end of gpg's status pipe."""
     assert process.stdin and process.stdout and process.stderr
     stdin, stdout, stderr = (process.stdin.fileno(), process.stdout.fileno(),
                              process.stderr.fileno())
     poller = select.poll()
-    for fd in (stdout, stderr):
+    for fd in (stdout, stderr, status_fd):
         os.set_blocking(fd, False)
         poller.register(fd, select.POLLIN)
     view, written = memoryview(data), 0
@@ -266,7 +279,7 @@ def _exchange(process: subprocess.Popen[bytes], data: bytes, status: _Status,
     else:
         process.stdin.close()
     out: list[bytes] = []
-    reading = 2
+    reading = 3
     while reading or written < len(view):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -293,9 +306,11 @@ def _exchange(process: subprocess.Popen[bytes], data: bytes, status: _Status,
                 reading -= 1
             elif fd == stdout:
                 out.append(chunk)
+            elif fd == status_fd:
+                status.feed_status(chunk)
             else:
                 status.feed_stderr(chunk)
-    status.close_stderr()
+    status.close_streams()
     status.data = b"".join(out)
     if not _wait_exit(process, deadline):
         process.kill()
@@ -387,13 +402,27 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
         run or misses its deadline."""
         status = _Status(self, max_signatures)
         deadline = time.monotonic() + self.timeout_s
+        command = self.make_args(list(args), False)
         with _engine_errors():
-            # As python-gnupg's _open_subprocess, without its debug rendering of the command
-            # line (built whether or not anything logs it).
-            process = subprocess.Popen(
-                self.make_args(list(args), False), stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-            )
+            status_r, status_w = os.pipe()
+            try:
+                # python-gnupg asks for status lines on stderr (--status-fd 2), mixed with
+                # gpg's messages: they get a pipe of their own instead (see _Status).
+                if "--status-fd" in command:
+                    command[command.index("--status-fd") + 1] = str(status_w)
+                else:
+                    command[1:1] = ["--status-fd", str(status_w)]
+                # As python-gnupg's _open_subprocess, without its debug rendering of the
+                # command line (built whether or not anything logs it).
+                process = subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=self.env, pass_fds=(status_w,),
+                )
+            except BaseException:
+                os.close(status_r)
+                raise
+            finally:
+                os.close(status_w)
             try:
                 status.process = process
                 if cpu_seconds is not None:
@@ -405,9 +434,10 @@ class _Gpg(gnupg.GPG):  # type: ignore[misc]
                     with contextlib.suppress(ProcessLookupError):
                         resource.prlimit(process.pid, resource.RLIMIT_CPU,
                                          (cpu_seconds, cpu_seconds + 1))
-                finished = _exchange(process, data, status, deadline)
+                finished = _exchange(process, data, status, status_r, deadline)
             finally:
                 _reap(process)
+                os.close(status_r)
         if not finished:
             raise EngineError(f"gpg did not finish within {self.timeout_s:g} s")
         return status

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import select
 import signal
 import subprocess
@@ -442,6 +443,39 @@ def test_close_stops_the_agent_and_removes_the_home(
     assert not home.exists()
 
 
+def test_what_gpg_writes_to_stderr_is_never_read_as_status(
+    pgp_keyset: Callable[..., Keyset], runtime_dir: Path, gpg_peer: GpgPeer,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Status lines come on their own pipe, never mixed with gpg's log on stderr, whose text
+    quotes what messages and keys hold (user ids, file names: the SigSpoof class of forgeries,
+    CVE-2018-12020). A gpg that prints forged status lines on stderr changes nothing."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    forged = "\n".join([
+        "[GNUPG:] SIG_CREATED S 1 10 00 1 " + "F" * 40,  # one signature more than asked
+        "[GNUPG:] NEWSIG", "[GNUPG:] GOODSIG 0000000000000000 forged",
+    ] + ["[GNUPG:] NEWSIG"] * 40)  # past MAX_SIGNATURES: a flood if read
+    real = subprocess.run(["which", "gpg"], capture_output=True, text=True).stdout.strip()
+    (shim / "gpg").write_text(f"#!/bin/sh\nprintf '%s\\n' '{forged}' >&2\nexec {real} \"$@\"\n")
+    (shim / "gpg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
+    envelope = PgpEnvelope(
+        pgp_keyset("own", [("partner-a", "sec", "active")]),
+        pgp_keyset("peer", [("google-a", "pub", "active")]),
+        PgpOptions(), runtime_dir / "h", max_plaintext_bytes=1000,
+    )
+    try:
+        assert envelope.seal(PLAINTEXT).signed_by == ("partner-a",)
+        body = gpg_peer.seal(PLAINTEXT, ["google-a"], ["partner-a"])
+        assert envelope.open(body).verified_by == ("google-a",)
+        unsigned = gpg_peer.seal(PLAINTEXT, [], ["partner-a"])
+        with pytest.raises(SignatureError):
+            envelope.open(unsigned)
+    finally:
+        envelope.close()
+
+
 def test_a_failed_seal_says_what_gpg_reported(
     pgp_envelope: MakeEnvelope, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -539,22 +573,25 @@ def test_a_gpg_past_its_deadline_is_killed(pgp_envelope: MakeEnvelope) -> None:
     assert partner.seal(PLAINTEXT).signed_by == ("partner-a",)
 
 
-# gpg's pipes: one thread writes stdin and reads stdout and stderr (pgp._exchange).
+# gpg's pipes: one thread writes stdin and reads stdout, stderr and the status pipe
+# (pgp._exchange).
 
 
 def test_status_lines_split_across_reads_are_whole(pgp_envelope: MakeEnvelope) -> None:
     partner = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
     status = pgp._Status(partner._gpg)
-    text = (b"gpg: some message\n[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG 0123456789ABCDEF A B\n"
+    text = (b"[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG 0123456789ABCDEF A B\n"
             b"[GNUPG:] VALIDSIG AB CD")
+    messages = b"gpg: some message\n[GNUPG:] NEWSIG\n"
     for i in range(0, len(text), 5):
-        status.feed_stderr(text[i:i + 5])
-    # The VALIDSIG line has no end yet.
+        status.feed_status(text[i:i + 5])
+        status.feed_stderr(messages[i:i + 5])
+    # The VALIDSIG line has no end yet; the message stream's look-alike is only text.
     assert status.lines == [("NEWSIG", []), ("GOODSIG", ["0123456789ABCDEF", "A", "B"])]
-    status.close_stderr()
+    status.close_streams()
     assert status.lines == [("NEWSIG", []), ("GOODSIG", ["0123456789ABCDEF", "A", "B"]),
                             ("VALIDSIG", ["AB", "CD"])]
-    assert status.stderr == text.decode()
+    assert status.stderr == messages.decode()
 
 
 def test_bodies_larger_than_a_pipe_flow_both_ways(pgp_envelope: MakeEnvelope) -> None:
@@ -615,13 +652,18 @@ def test_a_gpg_that_closes_its_pipes_but_lingers_is_killed_at_the_deadline(
     if not pidfd:  # a kernel without pidfd_open: Popen's own wait with a timeout
         monkeypatch.delattr(pgp.os, "pidfd_open")
     status = pgp._Status(partner._gpg)
+    status_r, status_w = os.pipe()
     stands_in = subprocess.Popen(
-        ["sh", "-c", "echo '[GNUPG:] NEWSIG' >&2; exec >&- 2>&-; sleep 30"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ["bash", "-c", f"echo '[GNUPG:] NEWSIG' >&{status_w}; exec >&- 2>&- {status_w}>&-; "
+         "sleep 30"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        pass_fds=(status_w,))
+    os.close(status_w)
     try:
         with monkeypatch.context() as spying:
             waits = waits_of(spying, stands_in)
-            assert not pgp._exchange(stands_in, b"input", status, time.monotonic() + 0.5)
+            assert not pgp._exchange(stands_in, b"input", status, status_r,
+                                     time.monotonic() + 0.5)
         # Every wait ended by the deadline, half a second away: none waited for the process
         # to end (the 30 s of its sleep), which was killed instead.
         assert waits and max(waits) <= 0.5, waits
@@ -629,4 +671,5 @@ def test_a_gpg_that_closes_its_pipes_but_lingers_is_killed_at_the_deadline(
         assert status.lines == [("NEWSIG", [])]
     finally:
         pgp._reap(stands_in)
+        os.close(status_r)
     assert partner.seal(PLAINTEXT).signed_by == ("partner-a",)  # and a real gpg exits in time
