@@ -924,7 +924,6 @@ def _compress(algo: int, data: bytes) -> bytes:
     return _packet(_COMPRESSED, b"\x02" + zlib.compress(data, 6))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Opening: the encryption layer.
 

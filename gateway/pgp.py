@@ -824,7 +824,6 @@ def message_recipients(body: bytes) -> tuple[str, ...]:
 # The envelope.
 
 
-
 def _dearmor(text: bytes) -> bytes:
     lines = [line.strip() for line in text.splitlines()]
     begin = next((i for i, x in enumerate(lines) if x.startswith(b"-----BEGIN PGP MESSAGE")), None)
