@@ -289,25 +289,36 @@ async def post(gateway: Gateway, route: str, body: bytes, *, ctx: ssl.SSLContext
         return response.status, dict(response.headers), await response.read()
 
 
-async def post_until_closed(gateway: Gateway, route: str, body: bytes, pki: Pki,
-                            timeout: float) -> tuple[list[bytes], bytes]:
-    """POST `body` on a kept-alive TLS connection and read until the gateway closes it: (the
-    answer's status line and header lines, its body). A connection the gateway keeps open
-    raises TimeoutError after `timeout` seconds."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", gateway.routes[route].port, ssl=pki.client_context(),
-        server_hostname="localhost")
+async def raw_exchange(port: int, pki: Pki, head: bytes, body: bytes = b"",
+                       pause: float = 0.0, until_closed: float | None = None) -> bytes:
+    """Send `head` and `body` over TLS as they are, wait `pause` s, and return the first bytes
+    of the answer; with `until_closed`, every byte up to the gateway's close, which must come
+    within that many seconds (a connection kept open raises TimeoutError)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_context(),
+                                                   server_hostname="localhost")
     try:
-        writer.write(b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n" % len(body)
-                     + body)
-        answer = await asyncio.wait_for(reader.read(), timeout)
+        writer.write(head + body)
+        await writer.drain()
+        await asyncio.sleep(pause)
+        if until_closed is None:
+            return await asyncio.wait_for(reader.read(65536), 10)
+        return await asyncio.wait_for(reader.read(), until_closed)
     finally:
         writer.close()
         with suppress(ConnectionError, ssl.SSLError):
             await writer.wait_closed()
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    return head.split(b"\r\n"), rest
+
+
+async def post_until_closed(gateway: Gateway, route: str, body: bytes, pki: Pki,
+                            timeout: float) -> tuple[list[bytes], bytes]:
+    """POST `body` on a kept-alive connection and read until the gateway closes it: (the
+    answer's status line and header lines, its body)."""
+    head = (b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+            b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n" % len(body))
+    answer = await raw_exchange(gateway.routes[route].port, pki, head, body,
+                                until_closed=timeout)
+    head_text, _, rest = answer.partition(b"\r\n\r\n")
+    return head_text.split(b"\r\n"), rest
 
 
 def google_for(request: pytest.FixtureRequest, kind: str) -> Google:

@@ -32,6 +32,7 @@ from tests.e2e import (
     memory_handshake,
     post,
     post_until_closed,
+    raw_exchange,
     running_gateway,
 )
 from tests.peers import ConnectProxy, StandIn, echo_partner, json_answer, slow
@@ -439,21 +440,6 @@ async def test_outbound_through_an_egress_proxy(
         await proxy.stop()
         await service.stop()
     assert proxy.targets == [f"localhost:{service.port}"]
-
-
-async def raw_exchange(port: int, pki: Pki, head: bytes, body: bytes = b"",
-                       pause: float = 0.0) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_context(),
-                                                   server_hostname="localhost")
-    writer.write(head)
-    writer.write(body)
-    await writer.drain()
-    await asyncio.sleep(pause)
-    answer = await asyncio.wait_for(reader.read(65536), 10)
-    writer.close()
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
-        await writer.wait_closed()
-    return answer
 
 
 async def test_slow_body_and_too_many_headers_are_refused_and_the_gateway_stays_healthy(
