@@ -307,7 +307,8 @@ def pgp_pairs(directory: Path, bits: int) -> Iterator[dict[str, tuple[Envelope, 
                               PgpOptions(), max_plaintext_bytes=MAX_PLAINTEXT),
         )
         try:
-            yield {"PGP (gpg)": (partner, google), "PGP (native)": native}
+            # gpg last: its exiting processes slow whatever runs next (see alternations).
+            yield {"PGP (native)": native, "PGP (gpg)": (partner, google)}
         finally:
             google.close()
     finally:
@@ -329,7 +330,7 @@ def pgp_unavailable() -> str | None:
 
 
 def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
-        report: Callable[[Result], None]) -> list[Result]:
+        report: Callable[[Result], None], mixed: bool = False) -> list[Result]:
     results: list[Result] = []
 
     def add(result: Result) -> None:
@@ -358,28 +359,13 @@ def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
                     "floor OpenPGP": floor_openpgp_round_trip(rsa_signer, rsa_recipient,
                                                               plaintext),
                 }
-                compared: dict[str, tuple[str, ...]] = {
-                    "JOSE RS256": ("floor PKCS1v15",), "JOSE PS256": ("floor PSS",),
-                    "JOSE ES256": ("floor ECDSA",),
-                    # The native engine signs with PKCS#1 v1.5, as OpenPGP does.
-                    "PGP (native)": ("floor PKCS1v15", "floor OpenPGP"),
-                    "PGP (gpg)": ("floor PSS (gpg)",),
+                envelopes: dict[str, Callable[[], object]] = {
+                    f"JOSE {alg}": envelope_round_trip(*pairs[alg], plaintext)
+                    for alg in ("RS256", "PS256", "ES256")
                 }
-                in_process = dict(floors)
-                for alg in ("RS256", "PS256", "ES256"):
-                    in_process[f"JOSE {alg}"] = envelope_round_trip(*pairs[alg], plaintext)
-                groups = [in_process]
-                if pgp_envelopes:
-                    in_process["PGP (native)"] = envelope_round_trip(
-                        *pgp_envelopes["PGP (native)"], plaintext)
-                    # gpg's processes and agent slow whatever runs right after them (the
-                    # native row fell from 1163 to 749 rt/s when it followed the gpg row):
-                    # the gpg row alternates with its own floor, apart from the others.
-                    groups.append({
-                        "floor PSS (gpg)": floors["floor PSS"],
-                        "PGP (gpg)": envelope_round_trip(*pgp_envelopes["PGP (gpg)"],
-                                                         plaintext),
-                    })
+                for name, (sealer, opener) in pgp_envelopes.items():
+                    envelopes[name] = envelope_round_trip(sealer, opener, plaintext)
+                groups, compared = alternations(floors, envelopes, mixed)
                 for group in groups:
                     for name, figures in measure(group, seconds).items():
                         add(Result(bits, size_name, name, compared.get(name, ()), *figures))
@@ -387,6 +373,51 @@ def run(bits_list: list[int], seconds: float, with_pgp: bool, directory: Path,
             if pgp is not None:
                 pgp.__exit__(None, None, None)
     return results
+
+
+# The floors each envelope row is compared with, the first being the one its target is set
+# against. The native engine's is the floor of OpenPGP's own primitives (PKCS#1 v1.5, AES-CFB,
+# SHA-384, the SHA-1 MDC: "the same RSA and AES work"); the PKCS1v15 floor beside it, with
+# AES-GCM and SHA-256, shows what the OpenPGP profile itself costs.
+OWN_FLOORS: dict[str, tuple[str, ...]] = {
+    "JOSE RS256": ("floor PKCS1v15",),
+    "JOSE PS256": ("floor PSS",),
+    "JOSE ES256": ("floor ECDSA",),
+    "PGP (native)": ("floor OpenPGP", "floor PKCS1v15"),
+    "PGP (gpg)": ("floor PSS",),
+}
+
+
+def alternations(
+    floors: dict[str, Callable[[], object]], envelopes: dict[str, Callable[[], object]],
+    mixed: bool,
+) -> tuple[list[dict[str, Callable[[], object]]], dict[str, tuple[str, ...]]]:
+    """The groups of rows that alternate round by round, and each envelope row's floor rows.
+
+    By default each envelope alternates with its own floors alone (a floor then runs once per
+    envelope, its row named after the envelope): a round trip that follows another envelope's
+    finds the caches and branch predictors full of that one's code, a cost that grows with an
+    envelope's own Python code and that the small floors barely pay, so in one alternation of
+    every row each envelope's ratio also measured its neighbours. `mixed` keeps that single
+    alternation (bench/README.md's figures until the third 2026-11-29 session) for
+    comparison. The gpg row always alternates apart, with its own floor: its exiting processes
+    slow whatever follows them."""
+    groups: list[dict[str, Callable[[], object]]] = []
+    compared: dict[str, tuple[str, ...]] = {}
+    if mixed:
+        together: dict[str, Callable[[], object]] = dict(floors)
+        groups.append(together)
+    for name, trip in envelopes.items():
+        if mixed and name != "PGP (gpg)":
+            together[name] = trip
+            compared[name] = OWN_FLOORS[name]
+            continue
+        tag = name.split()[-1].strip("()")  # RS256, PS256, ES256, native, gpg
+        group = {f"{floor} ({tag})": floors[floor] for floor in OWN_FLOORS[name]}
+        compared[name] = tuple(group)
+        group[name] = trip
+        groups.append(group)
+    return groups, compared
 
 
 def threaded_rate(trip: Callable[[], object], threads: int, seconds: float) -> float:
@@ -434,7 +465,7 @@ def scaling(bits_list: list[int], seconds: float, slices: int, directory: Path) 
                   f"{many / one:>7.2f}x")
 
 
-HEADER = f"{'RSA':>5}  {'plaintext':<9}  {'round trip':<15}{'rt/s':>9}{'median ms':>11}" \
+HEADER = f"{'RSA':>5}  {'plaintext':<9}  {'round trip':<24}{'rt/s':>9}{'median ms':>11}" \
          f"{'runs':>7}  x floor  rt/s of floor"
 
 
@@ -445,7 +476,7 @@ def line(result: Result, floors: dict[tuple[int, str, str], Result]) -> str:
         floor = floors[result.bits, result.size, name]
         ratios.append(f"{result.median_ms / floor.median_ms:5.2f}x "
                       f"{result.per_second / floor.per_second:5.2f}  (vs {name})")
-    return (f"{result.bits:>5}  {result.size:<9}  {result.name:<15}{result.per_second:>9.1f}"
+    return (f"{result.bits:>5}  {result.size:<9}  {result.name:<24}{result.per_second:>9.1f}"
             f"{result.median_ms:>11.2f}{result.runs:>7}  {';  '.join(ratios)}")
 
 
@@ -456,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="0.25 s per row, RSA-2048 only")
     parser.add_argument("--bits", type=int, nargs="+", default=[2048, 3072])
     parser.add_argument("--no-pgp", action="store_true", help="skip the PGP rows")
+    parser.add_argument("--mixed", action="store_true",
+                        help="every in-process row in one alternation (bench/README.md's "
+                             "figures until the third 2026-11-29 session), not each envelope "
+                             "with its own floors")
     parser.add_argument("--scaling", action="store_true",
                         help="only executor scaling: 1 thread against one thread per core")
     args = parser.parse_args(argv)
@@ -478,8 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"PGP rows: {pgp_note}")
     print("A round trip is one seal by the partner side and one open by the Google side.")
     print("x floor compares medians with the raw `cryptography` work of the same round trip;")
-    print("rt/s of floor compares rates (the targets' measure). The gpg row alternates with its")
-    print("own run of the PSS floor, apart from the other rows that its processes would slow.")
+    print("rt/s of floor compares rates (the targets' measure).")
+    if args.mixed:
+        print("Every in-process row alternates with every other; the gpg row with its own run of")
+        print("the PSS floor, apart from the other rows that its processes would slow.")
+    else:
+        print("Each envelope alternates round by round with its own floors alone (a floor row is")
+        print("named after its envelope); the first floor named is the one its target is set on.")
     print()
     print(HEADER)
     floors: dict[tuple[int, str, str], Result] = {}
@@ -493,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="gwb-", dir="/tmp"))
     directory.chmod(0o700)
     try:
-        run(bits, seconds, pgp_note is None, directory, report)
+        run(bits, seconds, pgp_note is None, directory, report, mixed=args.mixed)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"\n{time.perf_counter() - started:.0f} s in all")
