@@ -113,8 +113,8 @@ class Gateway:
             await admin_site.start()
             self.admin = _bound(admin_site)
         for name, route in self.current.snapshot.routes.items():
-            proxy = Proxy(name, self.current, self._session, self.executor,
-                          self.gpg_executor, self.metrics, self.inflight,
+            proxy = Proxy(name, route.config.direction, self.current, self._session,
+                          self.executor, self.gpg_executor, self.metrics, self.inflight,
                           draining=lambda: self.draining)
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", proxy.handle)

@@ -58,6 +58,7 @@ _MESSAGES = {
     "method": "Only POST is proxied.",
     "target": "The request target must be a path, not a full URL: this is not a forward proxy.",
     "request_timeout": "The request body did not arrive within the configured time.",
+    "route_removed": "This route is not in the gateway's configuration any more.",
 }
 
 
@@ -102,6 +103,7 @@ class Proxy:
     def __init__(
         self,
         route_name: str,
+        direction: str,
         current: Current,
         session: aiohttp.ClientSession,
         executor: Executor,
@@ -111,6 +113,7 @@ class Proxy:
         draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.route_name = route_name
+        self.direction = direction  # the route's at start-up: for answers once it is removed
         self.current = current
         self.session = session
         self.executor = executor
@@ -123,14 +126,16 @@ class Proxy:
         started = time.perf_counter()
         with self.current.use() as snapshot:
             route = snapshot.routes.get(self.route_name)
-            if route is None:
-                # The route left the configuration; its listener lives until a restart.
-                return web.Response(status=503, headers={"Retry-After": "30", "Server": SERVER})
             limits = snapshot.config.limits
-            direction = route.config.direction
+            direction = route.config.direction if route is not None else self.direction
             record: dict[str, Any] = {"route": self.route_name, "direction": direction}
             refused: Failure | None = None
-            if request.method != "POST":
+            if route is None:
+                # The route left the configuration; its listener lives until a restart. The
+                # connection is closed: the client's next one may reach a pod that serves it.
+                refused = Failure(503, "route_removed", "request",
+                                  {"Retry-After": "30", "Connection": "close"})
+            elif request.method != "POST":
                 refused = Failure(405, "method", "request", {"Allow": "POST"})
             elif not request.raw_path.startswith("/"):
                 # Only a path is forwarded onto the upstream's base URL: an absolute-form target
@@ -145,8 +150,9 @@ class Proxy:
                                   {"Retry-After": "1", "Connection": "close"})
             if refused is not None:
                 record["reason"] = refused.reason
-                response = self._failure(route, refused)
+                response = self._failure(direction, refused)
             else:
+                assert route is not None
                 self.inflight.enter()
                 try:
                     if direction == "inbound":
@@ -157,7 +163,7 @@ class Proxy:
                                                         record)
                 except Failure as failure:
                     record["reason"] = failure.reason
-                    response = self._failure(route, failure)
+                    response = self._failure(direction, failure)
                 finally:
                     self.inflight.leave()
             response.headers["Server"] = SERVER
@@ -297,9 +303,9 @@ class Proxy:
             "route": self.route_name, "op": op, "reason": getattr(exc, "reason", "engine"),
             "detail": str(exc)}})
 
-    def _failure(self, route: RouteRuntime, failure: Failure) -> web.Response:
+    def _failure(self, direction: str, failure: Failure) -> web.Response:
         headers = dict(failure.headers or {})
-        if route.config.direction == "inbound":
+        if direction == "inbound":
             # Toward Google: empty and identical per row, whatever the cause (no oracle).
             return web.Response(status=failure.status, headers=headers)
         payload = {"error": failure.reason, "message": _MESSAGES[failure.reason]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -129,6 +130,42 @@ async def test_while_draining_each_answer_closes_its_connection(
     finally:
         await partner.stop()
     assert head[0] == b"HTTP/1.1 200 OK" and b"Connection: close" in head[1:]
+
+
+async def test_a_route_removed_by_a_reload_answers_503_closes_and_is_counted(
+    google: JoseGoogle, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A route that left the configuration keeps its listener until a restart: each request
+    there is a 503 + Retry-After that closes its connection, inbound empty and outbound the
+    JSON error, logged and counted like every other answer, and the partner is not called."""
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    partner = await StandIn(json_answer(ANSWER)).start()
+    text = config(google, runtime_dir, pki, inbound_url=partner.url, outbound_url=partner.url)
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            path = tmp_path / "config.yaml"
+            path.write_text(path.read_text().replace("- name: in\n", "- name: in2\n")
+                            .replace("- name: out\n", "- name: out2\n"))
+            assert await gateway.reload()
+            head, body = await post_until_closed(gateway, "in", sealed, pki, 2)
+            status, headers, answer = await post(gateway, "out", REQUEST)
+            metrics = (await admin_get(gateway, "/metrics"))[1]
+    finally:
+        await partner.stop()
+    assert head[0] == b"HTTP/1.1 503 Service Unavailable" and body == b""
+    assert b"Retry-After: 30" in head[1:] and b"Connection: close" in head[1:]
+    assert status == 503 and headers["Retry-After"] == "30"
+    assert json.loads(answer)["error"] == "route_removed"
+    for route, direction in (("in", "inbound"), ("out", "outbound")):
+        assert (f'gateway_requests_total{{code="503",direction="{direction}",route="{route}"}}'
+                " 1.0") in metrics
+    logged = [record.fields for record in caplog.records  # type: ignore[attr-defined]
+              if record.getMessage() == "request"]
+    assert [(f["route"], f["status"], f["reason"]) for f in logged] == [
+        ("in", 503, "route_removed"), ("out", 503, "route_removed")]
+    assert partner.calls == []
 
 
 async def test_drain_cut_off_by_the_timeout_returns_1(
