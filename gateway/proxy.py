@@ -262,8 +262,9 @@ class Proxy:
                     proxy=upstream.proxy,
                     allow_redirects=False,
                 ) as response:
-                    if response.headers.get("Content-Encoding", "identity") != "identity":
-                        raise UpstreamUnreachable("upstream answered with a content encoding")
+                    refused = _not_an_answer(response)
+                    if refused is not None:
+                        raise UpstreamUnreachable(refused)
                     closed = _close_of_unframed_body(response)
                     answer = await _read_capped(response.content, response.content_length, cap)
                     if closed is not None and closed.done() and not closed.cancelled() \
@@ -276,6 +277,9 @@ class Proxy:
         except TimeoutError:
             raise self._upstream_failure(UpstreamTimeout("timed out")) from None
         except UpstreamError as exc:
+            # Our own fixed texts (a status number, a header's name): no payload.
+            log.warning("upstream exchange failed",
+                        extra={"fields": {"route": self.route_name, "error": str(exc)}})
             raise self._upstream_failure(exc) from None
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("upstream exchange failed",
@@ -348,6 +352,24 @@ async def _read_request(request: web.Request, limits: Limits) -> bytes:
     if not body:
         raise Failure(400, "malformed", "request")
     return body
+
+
+def _not_an_answer(response: aiohttp.ClientResponse) -> str | None:
+    """Why the upstream's answer cannot be passed on, or None. Its status must be a final HTTP
+    one: aiohttp hands over a 101 as if it were final (the partner's answer then lost behind a
+    protocol switch that never happens) and takes any three digits, 000-099 and 600-999 too,
+    which are not HTTP statuses (RFC 9110 15). Its body must be the bytes as the upstream
+    meant them: no content coding in any Content-Encoding line (aiohttp reads only the first
+    one) and no transfer coding but chunked (aiohttp passes a gzip transfer coding's bytes on
+    as they are): they would reach Google sealed, or the local caller, as if they were the
+    message."""
+    if not 200 <= response.status <= 599:
+        return f"upstream answered with status {response.status}"
+    for header, allowed in (("Content-Encoding", "identity"), ("Transfer-Encoding", "chunked")):
+        for value in response.headers.getall(header, ()):
+            if any(token.strip().lower() not in ("", allowed) for token in value.split(",")):
+                return f"upstream answered with a coding in {header}"
+    return None
 
 
 def _close_of_unframed_body(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:

@@ -337,6 +337,33 @@ def gzipped(body: bytes, content_type: str) -> Behaviour:
                       extra=LEAK + b"Content-Encoding: gzip\r\n")
 
 
+def answered(data: Callable[[bytes, str], bytes]) -> Fault:
+    """Send `data` as a whole answer and keep the connection for the next request."""
+
+    def fault(body: bytes, content_type: str) -> Behaviour:
+        async def behaviour(exchange: Exchange) -> bool:
+            return await exchange.send(data(body, content_type))
+
+        return behaviour
+
+    return fault
+
+
+def coded(codings: bytes) -> Fault:
+    """The answer gzipped, with `codings` (header lines) saying so in ways aiohttp does not
+    decode: a second Content-Encoding line, a list in one line, a transfer coding."""
+    if b"Transfer-Encoding" in codings:
+        return answered(lambda b, t: head(t, codings) + chunk(gzip.compress(b)) + chunk(b""))
+    return answered(lambda b, t: head(t, b"Content-Length: %d\r\n" % len(gzip.compress(b))
+                                      + codings) + gzip.compress(b))
+
+
+def status_line(status: bytes) -> Fault:
+    """A well-framed answer whose status is not a final HTTP status."""
+    return answered(lambda b, t: head(t, b"Content-Length: %d\r\n" % len(b)).replace(
+        b"HTTP/1.1 200 OK", b"HTTP/1.1 " + status, 1) + b)
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -376,6 +403,16 @@ FAULTS: dict[str, tuple[Fault, int, str]] = {
     "huge_until_close": (endless(b"Connection: close\r\n"), 502, "too_large"),
     "huge_head": (endless_headers, 502, "upstream_unreachable"),
     "content_encoding": (gzipped, 502, "upstream_unreachable"),
+    "content_encoding_second_line": (coded(b"Content-Encoding: identity\r\n"
+                                           b"Content-Encoding: gzip\r\n"), 502,
+                                     "upstream_unreachable"),
+    "content_encoding_list": (coded(b"Content-Encoding: identity, gzip\r\n"), 502,
+                              "upstream_unreachable"),
+    "transfer_coding": (coded(b"Transfer-Encoding: gzip, chunked\r\n"), 502,
+                        "upstream_unreachable"),
+    "status_101": (status_line(b"101 Switching Protocols"), 502, "upstream_unreachable"),
+    "status_099": (status_line(b"099 Low"), 502, "upstream_unreachable"),
+    "status_600": (status_line(b"600 High"), 502, "upstream_unreachable"),
 }
 # The gateway must have dropped the connection itself (it answered before the peer ended).
 CUT = {"slow_headers", "slow_headers_half_sent", "slow_body", "garbage", "bad_chunk_size",
