@@ -4,6 +4,7 @@ every worker, a crashed worker replaced, drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -57,6 +58,15 @@ def total(metrics: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def assert_each_family_once(metrics: str) -> None:
+    """One TYPE line per metric, and no sample with a worker's pid: what the supervisor sums
+    is the workers' traffic, never a copy of its own configuration metrics."""
+    types = [line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
+    assert not [s for f in text_string_to_metric_families(metrics) for s in f.samples
+                if "pid" in s.labels]
+
+
 async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
     jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
     tmp_path: Path,
@@ -108,11 +118,17 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             metrics = await get("/metrics")
             assert total(metrics, "gateway_worker_reloads_total", result="success") == 2
             assert total(metrics, "gateway_worker_reloads_total", result="failure") == 0
+            assert_each_family_once(metrics)
+            generation = [s for f in text_string_to_metric_families(metrics) for s in f.samples
+                          if s.name == "gateway_config_generation"]
+            assert [(s.labels, s.value) for s in generation] == [({}, 2.0)]
+            assert total(metrics, "gateway_config_reloads_total", result="success") == 1
 
             os.kill(workers[0], signal.SIGKILL)
             await next_event(process.stderr, "worker exited; starting a new one")
             await next_event(process.stderr, "listening", worker=0)
             assert await asyncio.gather(*(request() for _ in range(6))) == [200] * 6
+            assert_each_family_once(await get("/metrics"))
             replaced = children(process.pid)
             assert len(replaced) == 2 and workers[0] not in replaced
 
@@ -120,6 +136,10 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
         assert await asyncio.wait_for(process.wait(), 60) == 0
     finally:
         if process.returncode is None:
+            # The workers first: they hold the stderr pipe that wait() reads to its end.
+            for pid in children(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             process.kill()
             await process.wait()
     assert all(not Path(f"/proc/{pid}").exists() for pid in replaced)
