@@ -242,22 +242,31 @@ def files_digest(paths: tuple[Path, ...]) -> str:
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and check the YAML file at `path`. Raises ConfigError naming the place."""
     path = Path(path).absolute()
+    reader = _Reader(path.parent, os.environ if environ is None else environ)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("", f"'{path}' is not valid YAML{where}") from None
-    return parse_config(data, path, os.environ if environ is None else environ)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError("", f"'{path}' is not valid YAML{where}") from None
+        return _parse(reader, data, path)
+    except ConfigError as exc:
+        exc.files = tuple(dict.fromkeys((path, *reader.paths)))
+        raise
 
 
 def parse_config(data: Any, path: Path, environ: Mapping[str, str]) -> Config:
     """Check already-parsed YAML data; relative paths resolve against `path`'s directory."""
-    reader = _Reader(path.parent, environ)
+    return _parse(_Reader(path.parent, environ), data, path)
+
+
+def _parse(reader: _Reader, data: Any, path: Path) -> Config:
+    """parse_config with `reader`, which notes every file named on the way."""
     root = reader.mapping(data, "")
     keysets_node = root.required("keysets")
     keysets = {
@@ -624,6 +633,7 @@ class _Reader:
     def __init__(self, base: Path, environ: Mapping[str, str]) -> None:
         self.base = base
         self.environ = environ
+        self.paths: list[Path] = []  # every file named so far, there or not
 
     def mapping(self, node: Any, place: str) -> _Mapping:
         if not isinstance(node, dict):
@@ -695,6 +705,7 @@ class _Reader:
         path = Path(text).expanduser()
         if not path.is_absolute():
             path = self.base / path
+        self.paths.append(path)
         if must_exist and not path.is_file():
             raise ConfigError(place, f"no such file '{text}'")
         return path

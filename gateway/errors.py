@@ -21,6 +21,7 @@ layer failed ("encryption" -> HTTP 400, "signature" -> HTTP 401 on the inbound s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 Layer = Literal["encryption", "signature", "none"]
@@ -36,6 +37,9 @@ class ConfigError(GatewayError):
     def __init__(self, place: str, message: str) -> None:
         self.place = place
         self.message = message
+        # Set by load_config: the config file and every file it had named before the error (a
+        # reload watches them, so that a file named before it exists is picked up once it does).
+        self.files: tuple[Path, ...] = ()
         super().__init__(f"{place}: {message}" if place else message)
 
 

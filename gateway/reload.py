@@ -42,7 +42,12 @@ class Reloader:
         self.last: ReloadStatus | None = None
         self._lock = asyncio.Lock()
         self._generation = current.snapshot.generation
-        self._seen = files_digest(current.snapshot.config.files())
+        # The files of the last attempt (of the configuration in service until one fails):
+        # what a poll hashes. After a failure those of the failed configuration, even ones that
+        # did not exist yet, so that the same broken content is not retried (nor counted) at
+        # every poll, and a missing file that appears is.
+        self._watched = current.snapshot.config.files()
+        self._seen = files_digest(self._watched)
 
     async def poll_forever(self) -> None:
         """Every `reload.interval_s` of the configuration in service, reload if the content of
@@ -56,8 +61,7 @@ class Reloader:
     async def poll(self) -> bool | None:
         """One poll: None when nothing changed since the last attempt, else the reload's result.
         Content that already failed is not tried (nor counted) again until it changes."""
-        files = self.current.snapshot.config.files()
-        digest = await asyncio.to_thread(files_digest, files)
+        digest = await asyncio.to_thread(files_digest, self._watched)
         if digest == self._seen:
             return None
         self._seen = digest
@@ -69,9 +73,17 @@ class Reloader:
         async with self._lock:
             old = self.current.snapshot.config
             try:
-                config = await asyncio.to_thread(load_config, self.path)
+                try:
+                    config = await asyncio.to_thread(load_config, self.path)
+                except ConfigError as exc:
+                    # Hashed after the attempt: a file that changed during it is taken as
+                    # seen (SIGHUP, or its next change, tries again).
+                    self._watched = exc.files or (self.path,)
+                    self._seen = await asyncio.to_thread(files_digest, self._watched)
+                    raise
                 # Hash what we are about to read: a change during the build is seen next poll.
-                self._seen = await asyncio.to_thread(files_digest, config.files())
+                self._watched = config.files()
+                self._seen = await asyncio.to_thread(files_digest, self._watched)
                 warnings = listener_changes(old, config)
                 snapshot = await asyncio.to_thread(self.build, config, self._generation + 1)
             except Exception as exc:  # any failure keeps the old configuration in service

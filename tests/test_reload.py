@@ -279,6 +279,36 @@ async def test_polling_counts_the_same_broken_content_once(
     assert "gateway_config_generation 2.0" in metrics
 
 
+@pytest.mark.parametrize("first", ["missing", "broken"])
+async def test_polling_watches_the_files_a_failed_configuration_names(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path, first: str,
+) -> None:
+    """A new configuration that names a key file not there yet, or there but broken, fails
+    once; it is not retried (nor counted) at every poll; once the file is right, the next poll
+    applies it, once."""
+    google = JoseGoogle(jose_keys, node_jose)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url)
+    good = jose_keys.public("google-sig-a")
+    moved = tmp_path / "rotated" / "google-sig.json"
+    moved.parent.mkdir()
+    if first == "broken":
+        moved.write_text('{"kty": "RSA", "n": "broken"}')
+    async with running_gateway(tmp_path, text) as gateway:
+        (tmp_path / "config.yaml").write_text(textwrap.dedent(text).replace(str(good),
+                                                                           str(moved)))
+        assert await gateway.reloader.poll() is False
+        assert await gateway.reloader.poll() is None
+        assert await gateway.reloader.poll() is None
+        moved.write_bytes(Path(good).read_bytes())
+        assert await gateway.reloader.poll() is True
+        assert await gateway.reloader.poll() is None
+        metrics = gateway.metrics.render().decode()
+    assert 'gateway_config_reloads_total{result="failure"} 1.0' in metrics
+    assert 'gateway_config_reloads_total{result="success"} 1.0' in metrics
+    assert "gateway_config_generation 2.0" in metrics
+
+
 async def test_a_worker_counts_the_reloads_it_could_not_apply(
     jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
     tmp_path: Path,
