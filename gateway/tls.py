@@ -55,9 +55,22 @@ def build_client_context(upstream: UpstreamConfig, place: str) -> ssl.SSLContext
     return ctx
 
 
+class _EncryptedKey(Exception):
+    """The private key asks for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL asks on the terminal: `check` or a reload would hang on a
+    # prompt (or, without a terminal, fail with a misleading "Invalid argument").
+    raise _EncryptedKey
+
+
 def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, place: str) -> None:
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise ConfigError(place, f"key '{key.name}' is encrypted: the gateway takes an "
+                                 "unencrypted PEM key (keep it in a Secret)") from None
     except ssl.SSLError as exc:
         raise ConfigError(
             place, f"certificate '{cert.name}' and key '{key.name}' do not load: {exc.reason}"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from gateway.config import ServerTls, UpstreamConfig
 from gateway.errors import ConfigError
@@ -53,6 +54,26 @@ def test_bad_certificate_names_its_place(pki: dict[str, Path]) -> None:
         build_client_context(UpstreamConfig(url="https://g.example", ca=pki["junk"]),
                              "routes[0].upstream")
     assert info.value.place == "routes[0].upstream.ca"
+
+
+def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(
+    pki: dict[str, Path], tmp_path: Path,
+) -> None:
+    """OpenSSL left to itself prompts on the terminal for the passphrase: `check` and a reload
+    would hang there. The gateway says the key is encrypted instead, naming the place."""
+    key = serialization.load_pem_private_key(pki["key"].read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase")))
+    with pytest.raises(ConfigError) as info:
+        build_server_context(ServerTls(cert=pki["cert"], key=encrypted), "routes[0].tls")
+    assert info.value.place == "routes[0].tls.cert" and "is encrypted" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        build_client_context(UpstreamConfig(url="https://g.example", client_cert=pki["cert"],
+                                            client_key=encrypted), "routes[1].upstream")
+    assert info.value.place == "routes[1].upstream.client_cert"
+    assert "is encrypted" in info.value.message
 
 
 def test_client_context_pins_the_configured_ca(pki: dict[str, Path]) -> None:
