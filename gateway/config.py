@@ -10,6 +10,7 @@ import enum
 import functools
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import tempfile
@@ -44,6 +45,7 @@ PGP_CIPHERS = ("AES128", "AES192", "AES256")
 PGP_COMPRESSIONS = ("none", "zip", "zlib")
 PGP_ENGINES = ("gnupg", "native")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WARN_EXPIRY_DAYS = 3650  # ten years: a warning window, and within datetime's range
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -239,6 +241,18 @@ def files_digest(paths: tuple[Path, ...]) -> str:
     return digest.hexdigest()
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load without YAML 1.1's implicit timestamps: an unquoted date stays text and is
+    checked, with its place, by _timestamp (PyYAML raised a bare ValueError, with no place,
+    for an impossible one such as 2027-02-30)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and check the YAML file at `path`. Raises ConfigError naming the place."""
     path = Path(path).absolute()
@@ -249,7 +263,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         except OSError as exc:
             raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader less timestamps
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -307,7 +321,8 @@ def _parse(reader: _Reader, data: Any, path: Path) -> Config:
             root.optional("shutdown_timeout_s", 30), "shutdown_timeout_s", 0
         ),
         warn_expiry_days=int(
-            reader.number(root.optional("warn_expiry_days", 30), "warn_expiry_days", 0)
+            reader.number(root.optional("warn_expiry_days", 30), "warn_expiry_days", 0,
+                          MAX_WARN_EXPIRY_DAYS)
         ),
     )
     root.finish()
@@ -676,11 +691,15 @@ class _Reader:
             raise ConfigError(place, f"expected true or false, found {_show(node)}")
         return node
 
-    def number(self, node: Any, place: str, minimum: float) -> float:
+    def number(self, node: Any, place: str, minimum: float,
+               maximum: float = math.inf) -> float:
         if isinstance(node, str):
             node = self._numeric(node, place)
-        if isinstance(node, bool) or not isinstance(node, int | float) or node < minimum:
-            raise ConfigError(place, f"expected a number >= {minimum}, found {_show(node)}")
+        # NaN compares false with everything: it passed `< minimum` and broke timers in `run`.
+        if isinstance(node, bool) or not isinstance(node, int | float) \
+                or not math.isfinite(node) or not minimum <= node <= maximum:
+            bound = f">= {minimum}" if maximum == math.inf else f"from {minimum} to {maximum}"
+            raise ConfigError(place, f"expected a number {bound}, found {_show(node)}")
         return float(node)
 
     def integer(self, node: Any, place: str, minimum: int) -> int:
@@ -705,7 +724,8 @@ class _Reader:
         path = Path(text).expanduser()
         if not path.is_absolute():
             path = self.base / path
-        self.paths.append(path)
+        if must_exist:
+            self.paths.append(path)
         if must_exist and not path.is_file():
             raise ConfigError(place, f"no such file '{text}'")
         return path

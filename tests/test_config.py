@@ -160,6 +160,33 @@ def test_precise_errors(base_dir: Path, old: str, new: str, expected: str) -> No
     assert error_of(base_dir, BASE.replace(old, new)) == expected
 
 
+@pytest.mark.parametrize(
+    ("new", "expected"),
+    [
+        # NaN passed every `< minimum` check: `check` said valid, then `run` crashed at SIGTERM
+        # (shutdown_timeout_s) or failed every connection (header_timeout_s).
+        ("shutdown_timeout_s: .nan", "shutdown_timeout_s: expected a number >= 0, found nan"),
+        ("limits: {header_timeout_s: .inf}",
+         "limits.header_timeout_s: expected a number >= 0.001, found inf"),
+        ("drain_delay_s: -.inf", "drain_delay_s: expected a number >= 0, found -inf"),
+        # Past datetime's range: an OverflowError traceback in `check` and `run`.
+        ("warn_expiry_days: 10000000000",
+         "warn_expiry_days: expected a number from 0 to 3650, found 10000000000"),
+    ],
+)
+def test_numbers_must_be_finite_and_in_range(base_dir: Path, new: str, expected: str) -> None:
+    assert error_of(base_dir, BASE.replace("routes:\n", f"{new}\nroutes:\n", 1)) == expected
+
+
+def test_an_impossible_unquoted_date_names_its_place(base_dir: Path) -> None:
+    """YAML reads an unquoted date itself, and PyYAML raised a bare ValueError (a traceback,
+    no place) for one that does not exist."""
+    text = BASE.replace("{id: google-2026, file: keys/g.asc, state: active}",
+                        "{id: google-2026, file: keys/g.asc, not_after: 2027-02-30}")
+    assert error_of(base_dir, text) == (
+        "keysets.google.keys[0].not_after: '2027-02-30' is not an ISO-8601 date or date-time")
+
+
 def test_plain_listener_off_loopback_allowed_when_asked(base_dir: Path) -> None:
     text = BASE.replace('listen: "127.0.0.1:8443"',
                         'listen: "0.0.0.0:8443"\n    allow_plaintext: true')
