@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import LOG_LEVELS, load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, EngineError
 from gateway.keys import expiring
 from gateway.keytool import (
     UsageError,
@@ -201,7 +201,7 @@ def _check(path: Path) -> int:
         finally:
             stop_agents(workdir)
             shutil.rmtree(workdir, ignore_errors=True)
-    except ConfigError as exc:
+    except (ConfigError, EngineError) as exc:  # our texts: a place, never key material
         print(f"error: {exc}", file=sys.stderr)
         return 1
     now = datetime.now(UTC)

@@ -454,6 +454,11 @@ def _tool(args: Sequence[str], home: Path, timeout_s: float, stdin: bytes = b"")
         raise EngineError(f"{Path(args[0]).name} failed with exit status {done.returncode}")
 
 
+def _sockets_elsewhere() -> bool:
+    """GnuPG puts a home's sockets under /run/user/<uid>/gnupg when that directory exists."""
+    return Path(f"/run/user/{os.getuid()}").is_dir()
+
+
 @cache
 def _preset_program() -> str:
     with _engine_errors():
@@ -464,8 +469,19 @@ def _preset_program() -> str:
     return str(Path(done.stdout.strip()) / "gpg-preset-passphrase")
 
 
+# A Unix socket path holds 107 bytes; gpg-agent's longest socket name in a home is this one.
+_MAX_SOCKET_PATH = 107
+_LONGEST_SOCKET = "S.gpg-agent.browser"
+
+
 def _create_home(home: Path) -> None:
-    """Create `home` (0700; it must not exist yet) with an agent that takes preset passphrases."""
+    """Create `home` (0700; it must not exist yet) with an agent that takes preset passphrases.
+    Raises ConfigError (runtime_dir) when the agent's sockets would not fit below it."""
+    socket = home / _LONGEST_SOCKET
+    if len(os.fsencode(socket)) > _MAX_SOCKET_PATH and not _sockets_elsewhere():
+        raise ConfigError("runtime_dir", f"too long for gpg-agent, whose sockets go in the "
+                          f"GnuPG homes below it: '{socket}' is {len(os.fsencode(socket))} "
+                          f"bytes, over the {_MAX_SOCKET_PATH} of a socket path; shorten it")
     with _engine_errors():
         home.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         home.mkdir(mode=0o700)

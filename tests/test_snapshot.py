@@ -108,3 +108,31 @@ routes:
             "partner-a")
     finally:
         snapshot.close()
+
+
+@pytest.mark.skipif(Path(f"/run/user/{os.getuid()}").is_dir(),
+                    reason="gpg-agent puts its sockets under /run/user here, not in the homes")
+def test_a_runtime_dir_too_long_for_gpg_agents_sockets_names_its_place(
+    pgp_keys: Any, session_tmp: Path, tmp_path: Path,
+) -> None:
+    """gpg-agent's sockets live in the GnuPG homes below runtime_dir, and a Unix socket path
+    holds 107 bytes: past that, the error names runtime_dir (it was gpgconf's EngineError,
+    a traceback in `check`), and nothing is left behind."""
+    from gateway.config import load_config
+    from gateway.snapshot import build_snapshot
+
+    root = session_tmp / ("r" * 80)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+keysets:
+  partner: {{type: pgp, keys: [{{id: p, file: {pgp_keys.sec('partner-a')}}}]}}
+  google: {{type: pgp, keys: [{{id: g, file: {pgp_keys.pub('google-a')}}}]}}
+routes:
+  - {{name: r, direction: inbound, listen: "127.0.0.1:0", own_keys: partner,
+     peer_keys: google, upstream: {{url: "http://x"}}}}
+""")
+    workdir = prepare_runtime_dir(root)
+    with pytest.raises(ConfigError) as info:
+        build_snapshot(load_config(path), 1, workdir)
+    assert info.value.place == "runtime_dir" and "S.gpg-agent.browser" in info.value.message
+    assert list(workdir.iterdir()) == []
