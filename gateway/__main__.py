@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.config import LOG_LEVELS, load_config
+from gateway.config import LOG_LEVELS, load_config, shown_url
 from gateway.errors import ConfigError, EngineError
 from gateway.keys import expiring
 from gateway.keytool import (
@@ -214,7 +214,7 @@ def _check(path: Path) -> int:
         if route.tls and route.tls.client_ca:
             tls = "mutual tls"
         print(f"route  {route.name}: {route.direction} {route.scheme} listen {route.listen} "
-              f"({tls}) -> {route.upstream.url}  own_keys={route.own_keys} "
+              f"({tls}) -> {shown_url(route.upstream.url)}  own_keys={route.own_keys} "
               f"peer_keys={route.peer_keys}")
     warnings = 0
     for name, keyset in snapshot.keysets.items():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -506,20 +506,37 @@ def _server_tls(reader: _Reader, place: str, node: Any) -> ServerTls:
     return tls
 
 
+def shown_url(url: str) -> str:
+    """`url` as an error or `check` may show it: a user:password@ part (which may come from
+    ${ENV}, a Secret) replaced by ***@."""
+    return re.sub(r"^([^/]*//)?[^/]*@", r"\1***@", url)
+
+
+def _split_url(url: str, place: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: a bad port raises here
+    except ValueError:
+        raise ConfigError(place, f"'{shown_url(url)}' is not a URL") from None
+    return parts
+
+
 def _upstream(reader: _Reader, place: str, node: Any) -> UpstreamConfig:
     u = reader.mapping(node, place)
     url = reader.string(u.required("url"), f"{place}.url")
-    parts = urlsplit(url)
+    parts = _split_url(url, f"{place}.url")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{place}.url", f"'{url}' is not an http:// or https:// URL with a host")
+        raise ConfigError(f"{place}.url",
+                          f"'{shown_url(url)}' is not an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
-        raise ConfigError(f"{place}.url", f"'{url}' must not have a query or fragment")
+        raise ConfigError(f"{place}.url", f"'{shown_url(url)}' must not have a query or fragment")
     proxy = u.optional("proxy", None)
     if proxy is not None:
         proxy = reader.string(proxy, f"{place}.proxy")
-        pparts = urlsplit(proxy)
+        pparts = _split_url(proxy, f"{place}.proxy")
         if pparts.scheme != "http" or not pparts.hostname:
-            raise ConfigError(f"{place}.proxy", f"'{proxy}' is not an http:// proxy URL")
+            raise ConfigError(f"{place}.proxy",
+                              f"'{shown_url(proxy)}' is not an http:// proxy URL")
     ca = u.optional("ca", None)
     cert = u.optional("client_cert", None)
     key = u.optional("client_key", None)

@@ -178,6 +178,28 @@ def test_numbers_must_be_finite_and_in_range(base_dir: Path, new: str, expected:
     assert error_of(base_dir, BASE.replace("routes:\n", f"{new}\nroutes:\n", 1)) == expected
 
 
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("proxy", "https://user:${PW}@proxy.example:3128",
+     "routes[0].upstream.proxy: 'https://***@proxy.example:3128' is not an http:// proxy URL"),
+    ("url", "ftp://user:${PW}@partner.example",
+     "routes[0].upstream.url: 'ftp://***@partner.example' is not an http:// or https:// URL "
+     "with a host"),
+    ("url", "http://user:${PW}@[::1", "routes[0].upstream.url: 'http://***@[::1' is not a URL"),
+    ("proxy", "http://user:${PW}@proxy.example:99999",
+     "routes[0].upstream.proxy: 'http://***@proxy.example:99999' is not a URL"),
+])
+def test_url_errors_hide_credentials(base_dir: Path, field: str, value: str,
+                                     expected: str) -> None:
+    """A user:password in an upstream or proxy URL (from ${ENV}: a Secret) never reaches an
+    error (check's output, a failed reload's log line); an unparsable URL is an error with its
+    place, not a ValueError traceback."""
+    old = 'upstream: {url: "http://127.0.0.1:3000"}'
+    new = (f'upstream: {{url: "{value}"}}' if field == "url" else
+           f'upstream: {{url: "http://127.0.0.1:3000", proxy: "{value}"}}')
+    message = error_of(base_dir, BASE.replace(old, new), env={"PW": "TopSecret123"})
+    assert message == expected and "TopSecret123" not in message
+
+
 def test_an_impossible_unquoted_date_names_its_place(base_dir: Path) -> None:
     """YAML reads an unquoted date itself, and PyYAML raised a bare ValueError (a traceback,
     no place) for one that does not exist."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,6 +43,18 @@ def test_check_valid_config_prints_routes_and_keys(config_file: Path,
         assert key_id in out
     assert "expires never" in out
     assert jose_keys.jwk("partner-sig-a")["d"] not in out
+
+
+def test_check_hides_the_credentials_of_an_upstream_url(config_file: Path) -> None:
+    text = config_file.read_text().replace('"http://127.0.0.1:3000"',
+                                           '"http://svc:${PARTNER_PW}@127.0.0.1:3000"')
+    config_file.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "gateway", "check", "--config",
+                             str(config_file)], capture_output=True, text=True, timeout=120,
+                            check=False, env={**os.environ, "PARTNER_PW": "TopSecret123"})
+    assert result.returncode == 0, result.stderr
+    assert "-> http://***@127.0.0.1:3000" in result.stdout
+    assert "TopSecret123" not in result.stdout + result.stderr
 
 
 def test_check_invalid_config_names_the_place(config_file: Path) -> None:
