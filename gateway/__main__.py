@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    writer = setup_logging(args.log_level or config.log_level)
+    writer = setup_logging(args.log_level or config.log_level, pinned=bool(args.log_level))
     try:
         return _serve(args.config)
     finally:

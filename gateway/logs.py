@@ -128,14 +128,18 @@ class _Writer(logging.handlers.QueueListener):
 
 
 _outbox: _Outbox | None = None
+_pinned: str | None = None  # the level `run --log-level` gave, which reloads do not change
 
 
 def setup_logging(level: str, records: int = QUEUE_RECORDS,
-                  stream: TextIO | None = None) -> logging.handlers.QueueListener:
+                  stream: TextIO | None = None, *, pinned: bool = False,
+                  ) -> logging.handlers.QueueListener:
     """Send every log record to `stream` (stderr) as JSON at `level` (debug, info, warning,
     error), through a queue of at most `records` records and one writer thread, which is
-    returned (started; stopped, and the queue written out, at exit)."""
-    global _outbox
+    returned (started; stopped, and the queue written out, at exit). `pinned`: the level came
+    from the command line and stays whatever a reloaded configuration says."""
+    global _outbox, _pinned
+    _pinned = level if pinned else None
     outbox = _Outbox(queue.Queue(records))
     writer = _Writer(outbox, stream if stream is not None else sys.stderr)
     root = logging.getLogger()
@@ -147,6 +151,17 @@ def setup_logging(level: str, records: int = QUEUE_RECORDS,
     atexit.register(writer.stop)
     _outbox = outbox
     return writer
+
+
+def apply_level(level: str) -> None:
+    """A reloaded configuration's log_level, unless the command line pinned one."""
+    if _pinned is None:
+        logging.getLogger().setLevel(level.upper())
+
+
+def pinned_level() -> str | None:
+    """The level `run --log-level` gave, if any (a supervisor passes it on to its workers)."""
+    return _pinned
 
 
 def count_drops(count: Callable[[], None]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.config import Config, files_digest, load_config
 from gateway.errors import ConfigError
+from gateway.logs import apply_level
 from gateway.metrics import Metrics
 from gateway.snapshot import Current, Snapshot
 
@@ -101,6 +102,7 @@ class Reloader:
                 log.warning("listener change needs a restart; the rest applies",
                             extra={"fields": {"change": warning}})
             self.current.swap(snapshot)
+            apply_level(config.log_level)
             self.on_swap(snapshot)
             self.metrics.config_reloads.labels("success").inc()
             self.metrics.worker_reloads.labels("success").inc()

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.admin import build_admin_app, describe_keys, status_document
 from gateway.config import Config
+from gateway.logs import pinned_level
 from gateway.metrics import Metrics
 from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
@@ -88,8 +89,10 @@ class Supervisor:
         role = WorkerRole(index, self.ports, self._ready_file(index))
         env = {**os.environ, "GATEWAY_WORKER": role.to_environment(),
                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        level = pinned_level()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(self.config.path), env=env)
+            sys.executable, "-m", "gateway", "run", "--config", str(self.config.path),
+            *(("--log-level", level) if level else ()), env=env)
         self.workers[index] = process
         task = asyncio.get_running_loop().create_task(self._watch(index, process))
         self._watchers.add(task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import gateway.logs as logs_module
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.metrics import Metrics
@@ -307,6 +309,25 @@ async def test_polling_watches_the_files_a_failed_configuration_names(
     assert 'gateway_config_reloads_total{result="failure"} 1.0' in metrics
     assert 'gateway_config_reloads_total{result="success"} 1.0' in metrics
     assert "gateway_config_generation 2.0" in metrics
+
+
+async def test_a_reload_applies_log_level_unless_the_command_line_pinned_it(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # put back after the test
+    google = JoseGoogle(jose_keys, node_jose)
+    text = textwrap.dedent(config(google, runtime_dir, pki, inbound_url=partner.url,
+                                  top={"log_level": "info"}))
+    async with running_gateway(tmp_path, text) as gateway:
+        (tmp_path / "config.yaml").write_text(text.replace("log_level: info", "log_level: error"))
+        assert await gateway.reload()
+        assert root.level == logging.ERROR
+        monkeypatch.setattr(logs_module, "_pinned", "error")  # as `run --log-level error`
+        (tmp_path / "config.yaml").write_text(text)
+        assert await gateway.reload()
+        assert root.level == logging.ERROR
 
 
 async def test_a_worker_counts_the_reloads_it_could_not_apply(

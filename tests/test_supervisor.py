@@ -77,7 +77,7 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
                                            top={"workers": 2})))
     sealed = await asyncio.to_thread(google.seal, REQUEST)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(path),
+        sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "info",
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert process.stderr is not None
     try:
@@ -86,6 +86,8 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
         admin = f"http://127.0.0.1:{int(listening['admin'].rsplit(':', 1)[1])}"
         workers = children(process.pid)
         assert len(workers) == 2
+        for pid in workers:  # the command line's level reaches the workers
+            assert b"--log-level\0info" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
         async with aiohttp.ClientSession() as session:
             async def request() -> int:
