@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -641,19 +642,40 @@ def _workers(reader: _Reader, node: Any) -> int:
 
 
 def _check_listeners(config: Config) -> None:
+    """Route names are unique, and no two listeners bind the same port on a shared address:
+    compared by what they bind, not as written ('localhost' and '127.0.0.1', or a wildcard and
+    anything, on one port clash when `run` binds them)."""
     admin = config.admin_listen
-    seen: dict[tuple[str, int], str] = {(admin.host, admin.port): "admin"}
+    seen = [(admin.port, _bound_addresses(admin, "admin.listen"), "admin")]
     names: set[str] = set()
     for route in config.routes:
         if route.name in names:
             raise ConfigError(f"{route.place}.name", f"duplicate route name '{route.name}'")
         names.add(route.name)
-        key = (route.listen.host, route.listen.port)
-        if route.listen.port != 0 and key in seen:
-            raise ConfigError(
-                f"{route.place}.listen", f"'{route.listen}' is already used by {seen[key]}"
-            )
-        seen[key] = f"route '{route.name}'"
+        place = f"{route.place}.listen"
+        addresses = _bound_addresses(route.listen, place)
+        for port, others, who in seen:
+            if route.listen.port == port != 0 and (
+                    addresses is None or others is None or addresses & others):
+                raise ConfigError(place, f"'{route.listen}' is already used by {who}")
+        seen.append((route.listen.port, addresses, f"route '{route.name}'"))
+
+
+def _bound_addresses(listen: ListenAddress, place: str) -> frozenset[str] | None:
+    """The addresses binding `listen` takes, None for a wildcard (all of them). A host name is
+    resolved as `run` will resolve it. Raises ConfigError when it does not resolve."""
+    try:
+        found = {ipaddress.ip_address(listen.host)}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(listen.host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            raise ConfigError(place, f"'{listen.host}' does not resolve to an address") \
+                from None
+        found = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    if any(address.is_unspecified for address in found):
+        return None
+    return frozenset(str(address) for address in found)
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -200,6 +200,45 @@ def test_url_errors_hide_credentials(base_dir: Path, field: str, value: str,
     assert message == expected and "TopSecret123" not in message
 
 
+SECOND_ROUTE = """
+  - name: second
+    direction: outbound
+    listen: "{listen}"
+    allow_plaintext: true
+    upstream: {{url: "https://g.example"}}
+    own_keys: partner
+    peer_keys: google
+"""
+
+
+@pytest.mark.parametrize(("first", "second", "expected"), [
+    ("127.0.0.1:8443", "localhost:8443",
+     "routes[1].listen: 'localhost:8443' is already used by route 'google-to-partner'"),
+    ("127.0.0.1:8443", "0.0.0.0:8443",
+     "routes[1].listen: '0.0.0.0:8443' is already used by route 'google-to-partner'"),
+    ("127.0.0.1:8443", "[::]:8443",
+     "routes[1].listen: '[::]:8443' is already used by route 'google-to-partner'"),
+    ("localhost:9090", "127.0.0.2:8443", "routes[0].listen: 'localhost:9090' is already used by "
+                                         "admin"),
+    ("127.0.0.1:8443", "999.1.1.1:8444",
+     "routes[1].listen: '999.1.1.1' does not resolve to an address"),
+])
+def test_listen_addresses_clash_by_what_they_bind(base_dir: Path, first: str, second: str,
+                                                  expected: str) -> None:
+    """check compared listen addresses as written: these passed it, then run failed with
+    'address already in use' or 'Name or service not known', naming no place."""
+    text = BASE.replace('listen: "127.0.0.1:8443"', f'listen: "{first}"') + \
+        SECOND_ROUTE.format(listen=second)
+    assert error_of(base_dir, text) == expected
+
+
+def test_listeners_on_other_addresses_or_ports_pass(base_dir: Path) -> None:
+    text = BASE + SECOND_ROUTE.format(listen="127.0.0.2:8443")
+    assert [r.listen.port for r in load(base_dir, text).routes] == [8443, 8443]
+    text = BASE + SECOND_ROUTE.format(listen="0.0.0.0:8444")
+    assert len(load(base_dir, text).routes) == 2
+
+
 def test_an_impossible_unquoted_date_names_its_place(base_dir: Path) -> None:
     """YAML reads an unquoted date itself, and PyYAML raised a bare ValueError (a traceback,
     no place) for one that does not exist."""
