@@ -120,6 +120,9 @@ def listener_changes(old: Config, new: Config) -> list[str]:
         changes.append(f"admin.listen {old.admin_listen} -> {new.admin_listen}")
     if old.workers != new.workers:
         changes.append(f"workers {old.workers} -> {new.workers}")
+    if old.runtime_dir != new.runtime_dir:
+        changes.append(f"runtime_dir {old.runtime_dir} -> {new.runtime_dir}: the GnuPG homes "
+                       "stay where they are until a restart")
     before = {r.name: r for r in old.routes}
     after = {r.name: r for r in new.routes}
     for name in sorted(after.keys() - before.keys()):
