@@ -217,7 +217,8 @@ class KeyFacts:
     key: Key
     routes: tuple[tuple[str, str, str], ...]  # (route, direction, "own_keys" | "peer_keys")
     ops: tuple[str, ...]
-    days_left: float | None
+    days_left: float | None  # rounded to a tenth: not what `expired` is decided on
+    expired: bool
     warnings: tuple[str, ...]
 
     def as_json(self) -> dict[str, Any]:
@@ -235,7 +236,7 @@ class KeyFacts:
             "ops": list(self.ops),
             "expires": _iso(k.expires) if k.expires else None,
             "days_left": self.days_left,
-            "expired": self.days_left is not None and self.days_left <= 0,
+            "expired": self.expired,
             "routes": [{"route": r, "direction": d, "role": role} for r, d, role in self.routes],
             "warnings": list(self.warnings),
         }
@@ -295,7 +296,8 @@ def key_facts(snapshot: Snapshot, now: datetime) -> list[KeyFacts]:
                 warnings.append("valid for more than two years (Google: one year, two at most)")
             if not routes:
                 warnings.append("its keyset is used by no route")
-            facts.append(KeyFacts(name, keyset.type, key, routes, ops, days_left,
+            expired = key.expires is not None and key.expires <= now
+            facts.append(KeyFacts(name, keyset.type, key, routes, ops, days_left, expired,
                                   tuple(warnings)))
     return facts
 

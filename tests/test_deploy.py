@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -801,3 +802,32 @@ async def test_gateway_runs_the_way_the_image_runs_it(
         assert info.st_uid == uid
     assert list(runtime.iterdir()) == []
     assert gpg_processes_under(short_root) == []
+
+
+def test_the_readmes_gpg_recipe_makes_a_key_to_googles_rules(tmp_path: Path) -> None:
+    """README.md's recipe, run as written: a passphrase-protected RSA key that signs, with an
+    encryption subkey, one year; the secret export readable by its owner only. (Without
+    --pinentry-mode loopback gpg 2.2 could not unlock the new key to add the subkey, and the
+    recipe went on to export a key that cannot be encrypted to.)"""
+    from gateway.config import KeyConfig, KeysetConfig, KeyState
+    from gateway.openpgp import load_native_keyset
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("by hand with `gpg` it is:\n\n", 1)[1].split("\n\n", 1)[0]
+    recipe = "\n".join(line[4:] for line in block.splitlines())
+    assert "--quick-add-key" in recipe
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "partner-2026.pass").write_text("a passphrase\n")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", recipe], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "TMPDIR": "/tmp"})
+    assert done.returncode == 0, done.stderr
+    secret = tmp_path / "keys" / "partner-2026.sec.asc"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    key = KeyConfig(id="partner-2026", file=secret, state=KeyState.ACTIVE, place="k",
+                    passphrase="a passphrase")
+    loaded = load_native_keyset(KeysetConfig(name="partner", type="pgp", keys=(key,),
+                                             place="keysets.partner")).keys[0]
+    assert set(loaded.capabilities) >= {"sign", "encrypt"}
+    assert loaded.expires is not None
+    assert 360 <= (loaded.expires - datetime.now(UTC)).days <= 367

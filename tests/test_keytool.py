@@ -286,9 +286,10 @@ def entry(keys: PgpKeys, name: str, kind: str, state: str, extra: str = "") -> s
 def test_keys_list_prints_every_fact(capsys: pytest.CaptureFixture[str], pgp_keys: PgpKeys,
                                      runtime_dir: Path, tmp_path: Path) -> None:
     soon = (datetime.now(UTC) + timedelta(days=10, hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    hour = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     own = (entry(pgp_keys, "partner-a", "sec", "active")
            + entry(pgp_keys, "partner-3k", "sec", "read-only", f", not_after: '{soon}'")
-           + entry(pgp_keys, "partner-pw", "sec", "disabled"))
+           + entry(pgp_keys, "partner-pw", "sec", "disabled", f", not_after: '{hour}'"))
     peer = (entry(pgp_keys, "google-a", "pub", "active")
             + entry(pgp_keys, "google-expired", "pub", "read-only"))
     path = tmp_path / "config.yaml"
@@ -339,6 +340,8 @@ def test_keys_list_prints_every_fact(capsys: pytest.CaptureFixture[str], pgp_key
     assert 9.9 < facts["partner-3k"]["days_left"] < 10.2
     assert facts["partner-3k"]["warnings"] == ["expires in 10 days (warn_expiry_days 30)"]
     assert facts["partner-pw"]["state"] == "disabled" and facts["partner-pw"]["ops"] == []
+    # An hour left rounds to 0.0 days: not expired for all that (it said so, while signing).
+    assert (facts["partner-pw"]["days_left"], facts["partner-pw"]["expired"]) == (0.0, False)
     assert facts["google-a"]["ops"] == ["encrypt", "verify"]
     assert facts["google-expired"]["expired"] is True
     assert facts["google-expired"]["days_left"] < 0
