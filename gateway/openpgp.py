@@ -79,6 +79,9 @@ MAX_SESSION_KEY_PACKETS = 32  # as the GnuPG engine: each one may cost an RSA de
 MAX_RSA_DECRYPTIONS = 32
 MAX_SIGNATURES = 32  # signature packets, as the GnuPG engine (and 2 * 32 + 1 packets a level)
 MAX_NESTING = 8  # compressed packets inside compressed packets
+# Marker packets ("PGP", RFC 4880 5.8) are skipped, but each costs a packet parse: more than
+# this many in one level is a flood (gpg reads them; ~0.5 M of them once cost 9 s here).
+MAX_MARKERS = 8
 # Partial-length chunks of one packet. Writers send chunks of at least 512 octets (RFC 4880
 # 4.2.2.4 asks it of the first; gpg writes 8 KiB), so this is 8 MiB a packet at the least; a
 # 2 MB body of 1-octet chunks cost 70 MB and seconds of joining before this cap.
@@ -994,8 +997,8 @@ def _decompress(body: bytes, cap: int) -> bytes:
     """The packets inside a compressed data packet, at most `cap` bytes of them. Raises
     TooLargeError over the cap (a bomb costs at most `cap` bytes and the time to make them),
     DecryptError if the data is broken (as gpg reports it), MalformedError for an unknown
-    algorithm. As gpg, the bytes after the end of a deflate stream (ZLIB's Adler-32) are not
-    read: the MDC already covers them."""
+    algorithm. As gpg, ZLIB's Adler-32 is checked when all four of its bytes are there, and
+    a stream that ends without them is taken as it is (the MDC covers those bytes anyway)."""
     algo, data = body[0] if body else -1, body[1:]
     if algo == 0:
         return data
@@ -1003,7 +1006,9 @@ def _decompress(body: bytes, cap: int) -> bytes:
         cmf, flg = (data[0], data[1]) if len(data) >= 2 else (0, 0)
         if cmf & 0x0F != 8 or (cmf << 8 | flg) % 31 or flg & 0x20:
             raise DecryptError("broken ZLIB header in the compressed data")
-        algo, data = 1, data[2:]
+        algo, data, adler = 1, data[2:], True
+    else:
+        adler = False
     finished: bool
     if algo == 1:
         inflater = zlib.decompressobj(-15)
@@ -1025,6 +1030,10 @@ def _decompress(body: bytes, cap: int) -> bytes:
         raise TooLargeError(f"decompressed data is over the {cap} byte limit")
     if not finished:
         raise DecryptError("truncated compressed data")
+    if adler:
+        trailer = inflater.unused_data[:4]
+        if len(trailer) == 4 and int.from_bytes(trailer, "big") != zlib.adler32(out):
+            raise DecryptError("the ZLIB checksum of the compressed data does not match")
     return out
 
 
@@ -1045,10 +1054,16 @@ def _level(data: bytes, cap: int) -> list[_Packet]:
     for _ in range(MAX_NESTING + 1):
         cur = _Cursor(data)
         packets: list[_Packet] = []
+        markers = 0
         try:
             while not cur.done:
                 packet = _next_packet(cur)
-                if packet.tag == _MARKER:  # ignored, as RFC 4880 5.8 asks
+                if packet.tag == _MARKER:  # ignored, as RFC 4880 5.8 asks, if it is one
+                    if packet.body != b"PGP":
+                        raise MalformedError("a marker packet that does not hold 'PGP'")
+                    markers += 1
+                    if markers > MAX_MARKERS:
+                        raise MalformedError(f"more than {MAX_MARKERS} marker packets")
                     continue
                 if len(packets) > 2 * MAX_SIGNATURES + 1:
                     raise MalformedError(f"more than {MAX_SIGNATURES} signatures")
@@ -1081,6 +1096,9 @@ def _content(data: bytes, limit: int) -> _Content:
     ops, after = tags[prefix:at], tags[at + 1:]
     if any(t != _OPS for t in ops) or any(t != _SIG for t in after) or len(after) != len(ops):
         raise SignatureError("the signature packets do not pair with one-pass signature packets")
+    if prefix and ops:
+        # Both forms of signed message at once: gpg sees no valid signature in it.
+        raise SignatureError("signature packets before one-pass signed data")
     literal = _Cursor(packets[at].body)
     try:
         mode = literal.byte()
