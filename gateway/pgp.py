@@ -33,6 +33,7 @@ from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from gateway import b64url
+from gateway.armor import crc24
 from gateway.config import KeyConfig, KeysetConfig, PgpOptions
 from gateway.envelope import CONTENT_TYPES, Opened, Sealed
 from gateway.errors import (
@@ -855,6 +856,20 @@ def _dearmor(text: bytes) -> bytes:
         raise MalformedError("not an ASCII-armored OpenPGP message") from None
 
 
+def _armor_checksum_fails(message: bytes) -> bool:
+    """Whether `message` is armored with a checksum line ("=XXXX") that its data does not
+    match."""
+    if not message.lstrip().startswith(b"-----BEGIN "):
+        return False
+    sums = [x for x in (line.strip() for line in message.splitlines())
+            if x.startswith(b"=") and len(x) == 5]
+    try:
+        written = base64.b64decode(sums[0][1:], validate=True) if sums else None
+        return written is not None and written != crc24(_dearmor(message)).to_bytes(3, "big")
+    except (binascii.Error, ValueError, MalformedError):
+        return True
+
+
 def _packet(data: bytes, pos: int) -> tuple[int, int, int]:
     """(tag, body offset, body length or -1 when partial/indeterminate) of the packet at `pos`
     (RFC 4880 4.2). Raises MalformedError if there is none."""
@@ -1119,7 +1134,10 @@ class PgpEnvelope:
         if status.returncode and all(key == "FAILURE" for key, _ in status.lines):
             # The message passed _check_structure, so gpg says something about any message it
             # reads; nothing but a failure means gpg itself could not run (a bad option, a
-            # fatal start-up error): not the sender's fault.
+            # fatal start-up error): not the sender's fault. Except for one thing of the
+            # message it stops at silently: a wrong armor checksum (checked here only then).
+            if _armor_checksum_fails(message):
+                raise MalformedError("the ASCII armor's checksum does not match its data")
             raise EngineError(f"gpg exited before reading the message ({status.diagnosis()})")
         decrypted_by = self._check_encryption(status, message)
         if _MAX_OUTPUT_HIT.search(status.stderr) or len(status.data) >= cap:

@@ -294,15 +294,24 @@ def test_where_the_native_engine_is_stricter_than_gpg(
     ("ZLIB without its Adler-32", ("opened",)),
     ("a signature packet before one-pass signed data",
      ("refused", "SignatureError", "signature")),
+    ("armor with a wrong checksum", ("refused", "MalformedError", "encryption")),
 ])
 def test_both_engines_agree_on(engines: tuple[PgpEnvelope, NativePgpEnvelope],
                                craft: Craft, shape: str, verdict: Outcome) -> None:  # noqa: F811
-    """Shapes where the native engine once answered otherwise than gpg (it opened the first,
-    third and fifth), each found by a review of both engines side by side."""
+    """Shapes where the engines once answered otherwise (the native engine opened the first,
+    third and fifth; the gnupg engine took the last for its own failure, a 500), each found by
+    a review of both engines side by side."""
     gnupg, native = engines
     plaintext = b'{"a": 1}'
     signed = craft.signed(plaintext, ["google-a"])
     packed = zlib.compress(signed)
+    armored = openpgp._armor(craft.encrypt(signed)).splitlines()
+    armored[-2] = b"=AAAA"  # the checksum line
+    if shape == "armor with a wrong checksum":
+        body = b64url(b"\n".join(armored) + b"\n")
+        for envelope in (gnupg, native):
+            assert outcome(envelope, body)[:len(verdict)] == verdict, (shape, envelope)
+        return
     message = craft.encrypt({
         "a marker packet that does not hold 'PGP'": b"\xa8\x03XYZ" + signed,
         "markers as many as allowed": b"\xa8\x03PGP" * openpgp.MAX_MARKERS + signed,
