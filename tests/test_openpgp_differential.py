@@ -254,6 +254,8 @@ def test_several_hidden_recipients_with_altered_data(
     ("compressed data nested 9 deep", "MalformedError"),
     ("more than 8 marker packets", "MalformedError"),
     ("literal format 'l'", "MalformedError"),
+    ("a character outside base64 in the armor", "MalformedError"),
+    ("two armored messages in one body", "MalformedError"),
 ])
 def test_where_the_native_engine_is_stricter_than_gpg(
     engines: tuple[PgpEnvelope, NativePgpEnvelope], craft: Craft,  # noqa: F811
@@ -280,6 +282,10 @@ def test_where_the_native_engine_is_stricter_than_gpg(
         "more than 8 marker packets": craft.encrypt(
             b"\xa8\x03PGP" * (openpgp.MAX_MARKERS + 1) + signed),
         "literal format 'l'": craft.encrypt(craft.signed(plaintext, ["google-a"], mode=b"l")),
+        # gpg skips what is not base64 in armor, and reads the first of two armored messages.
+        "a character outside base64 in the armor": openpgp._armor(pkesk + seipd).replace(
+            b"\n\n", b"\n\n!", 1),
+        "two armored messages in one body": openpgp._armor(pkesk + seipd) * 2,
     }[shape]
     body = b64url(message)
     assert outcome(gnupg, body)[0] == "opened"
