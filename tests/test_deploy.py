@@ -29,6 +29,7 @@ import yaml
 from aiohttp import web
 
 from gateway.envelope import CONTENT_TYPES
+from tests.conftest import kill_agents
 from tests.deploy import (
     DOCKERFILE,
     K8S,
@@ -818,9 +819,14 @@ def test_the_readmes_gpg_recipe_makes_a_key_to_googles_rules(tmp_path: Path) -> 
     assert "--quick-add-key" in recipe
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "partner-2026.pass").write_text("a passphrase\n")
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", recipe], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "TMPDIR": "/tmp"})
+    scratch = Path(tempfile.mkdtemp(prefix="rcp", dir="/tmp"))  # the recipe's mktemp -d
+    try:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", recipe], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, check=False,
+                              env={**os.environ, "TMPDIR": str(scratch)})
+    finally:  # a recipe that stops half-way leaves its agent running
+        kill_agents(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     secret = tmp_path / "keys" / "partner-2026.sec.asc"
     assert oct(secret.stat().st_mode & 0o777) == "0o600"
