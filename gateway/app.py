@@ -136,9 +136,10 @@ class Gateway:
             port = route.config.listen.port if self.worker is None else self.worker.ports[name]
             # Workers bind the same ports (the supervisor resolved port 0) and the kernel
             # spreads connections among them.
-            site = web.TCPSite(runner, route.config.listen.host, port,
-                               ssl_context=route.server_ssl, backlog=1024,
-                               reuse_port=self.worker is not None)
+            site = _Site(runner, route.config.listen.host, port,
+                         ssl_context=route.server_ssl, backlog=1024,
+                         reuse_port=self.worker is not None,
+                         tls_timeout=limits.header_timeout_s)
             await site.start()
             self._runners[name] = runner
             self.routes[name] = _bound(site)
@@ -435,6 +436,30 @@ def _head_size(message: Any) -> int:
     target = message.path.encode("utf-8", "surrogateescape")
     size = len(message.method) + 1 + len(target) + len(" HTTP/1.1\r\n") + 2
     return size + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+
+
+class _Site(web.TCPSite):
+    """aiohttp's TCPSite with the TLS handshake and the TLS close bounded by `tls_timeout`
+    (limits.header_timeout_s). Left to the loop's defaults, a client that connected and never
+    finished its handshake held its connection 60 s, uncounted by max_connections (the guard
+    sees a connection once its handshake is done), and one refused with a 431 that never
+    answered the close held its max_connections slot 30 s."""
+
+    def __init__(self, *args: Any, tls_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls_timeout = tls_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # what TCPSite.start does, with the two timeouts
+        server = self._runner.server
+        assert server is not None
+        tls: dict[str, Any] = {} if self._ssl_context is None else {
+            "ssl_handshake_timeout": self._tls_timeout, "ssl_shutdown_timeout": self._tls_timeout}
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port, **tls)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def _bound(site: web.TCPSite) -> Bound:

@@ -319,6 +319,49 @@ def test_connections_beyond_max_connections_are_closed(gateway: Running) -> None
 # -- slow clients ---------------------------------------------------------------------------
 
 
+# Nothing at all, or the first bytes of a ClientHello.
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"])
+def test_a_tls_handshake_that_never_ends_is_closed_at_the_head_timeout(
+    gateway: Running, sent: bytes,
+) -> None:
+    """The handshake gets header_timeout_s (0.5 s here) like a head: it held the connection 60
+    s (the loop's default), uncounted by max_connections, which sees connections once their
+    handshake is done."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as sock:
+        sock.sendall(sent)
+        started = time.monotonic()
+        try:
+            closed = sock.recv(1) == b""
+        except ConnectionError:
+            closed = True
+        assert closed and time.monotonic() - started < 5
+    assert_healthy(gateway)
+
+
+def test_refused_connections_free_their_slots_soon(gateway: Running) -> None:
+    """Connections refused with a 431 whose clients never answer the TLS close: their
+    max_connections slots come back after header_timeout_s (0.5 s here), not the 30 s of the
+    loop's TLS shutdown timeout, during which every new client was turned away."""
+    time.sleep(0.6)  # earlier tests' connections are gone
+    big = POST_LINE + b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"a" * 300) for i in range(14)) + \
+        b"Content-Length: 0\r\n\r\n"
+    held = []
+    try:
+        for _ in range(8):  # max_connections
+            tls = connect(gateway)
+            send(tls, big)
+            assert read_answer(tls)[0] == 431
+            held.append(tls)  # kept open, never closed from this side
+        time.sleep(1.5)
+        with connect(gateway, timeout=5) as tls:
+            send(tls, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert read_answer(tls)[0] == 405
+    finally:
+        for tls in held:
+            tls.close()
+    assert_healthy(gateway)
+
+
 def test_slowloris_head_is_closed(gateway: Running) -> None:
     before = counted(gateway)
     with connect(gateway) as tls:
