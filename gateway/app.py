@@ -124,7 +124,11 @@ class Gateway:
                 max_field_size=limits.max_header_bytes,
                 max_line_size=limits.max_header_bytes,
                 max_headers=limits.max_headers,
-                shutdown_timeout=config.shutdown_timeout_s,
+                # drain() has already given requests shutdown_timeout_s; what is still running
+                # when the runner is cleaned up is cut off. aiohttp waits its shutdown_timeout
+                # twice there: with shutdown_timeout_s, a cut-off drain took 3x as long as
+                # configured, past the pod's grace period (its SIGKILL skips the cleanup).
+                shutdown_timeout=min(config.shutdown_timeout_s, _CLEANUP_GRACE_S),
             )
             await runner.setup()
             assert runner.server is not None
@@ -436,6 +440,9 @@ def _head_size(message: Any) -> int:
     target = message.path.encode("utf-8", "surrogateescape")
     size = len(message.method) + 1 + len(target) + len(" HTTP/1.1\r\n") + 2
     return size + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+
+
+_CLEANUP_GRACE_S = 0.5
 
 
 class _Site(web.TCPSite):
