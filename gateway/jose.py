@@ -42,7 +42,7 @@ from gateway.errors import (
     TooLargeError,
     UnknownKeyError,
 )
-from gateway.keys import Key, Keyset
+from gateway.keys import Key, Keyset, key_expiry
 
 __all__ = ["GENERATE_ALGS", "JoseEnvelope", "generate_jwk", "jwe_header", "load_jose_keyset"]
 
@@ -225,7 +225,7 @@ def _load_key(config: KeyConfig) -> Key:
         can_sign="sig" in uses,
         can_encrypt="enc" in uses,
         algorithm=algorithm,
-        expires=config.not_after,
+        expires=key_expiry((), config.not_after),  # a naive not_after is UTC, as for PGP
         place=config.place,
         material=jwk,
     )

@@ -524,6 +524,15 @@ def test_expired_own_key_still_decrypts_expired_peer_key_never_verifies(
         expired_peer.open(body)
 
 
+def test_a_naive_not_after_is_utc(jose_keys: JoseKeys) -> None:
+    """As for PGP keys (keys.key_expiry): a KeyConfig made in code with a naive not_after made
+    Keyset.verifiers() raise TypeError comparing it with the aware current time."""
+    keyset = jose_keyset(jose_keys, "peer", [
+        ("partner-sig-a", "public", "active", {"not_after": datetime(2030, 1, 1)})])
+    assert keyset.keys[0].expires == datetime(2030, 1, 1, tzinfo=UTC)
+    assert [key.id for key in keyset.verifiers()] == ["partner-sig-a"]
+
+
 def test_not_after_in_the_past_never_verifies(
     jose_keys: JoseKeys, jose_partner: JoseEnvelope
 ) -> None:
