@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.config import Config, files_digest, load_config
 from gateway.errors import ConfigError
+from gateway.keys import utcnow
 from gateway.logs import apply_level
 from gateway.metrics import Metrics
 from gateway.snapshot import Current, Snapshot
@@ -23,7 +24,7 @@ log = logging.getLogger("gateway.reload")
 class ReloadStatus:
     time: datetime
     result: str  # "success" or "failure"
-    trigger: str  # "sighup", "poll" or "api"
+    trigger: str  # "sighup", "poll", "expiry" or "api"
     error: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -49,6 +50,7 @@ class Reloader:
         # every poll, and a missing file that appears is.
         self._watched = current.snapshot.config.files()
         self._seen = files_digest(self._watched)
+        self._expiry = self._next_expiry()
 
     async def poll_forever(self) -> None:
         """Every `reload.interval_s` of the configuration in service, reload if the content of
@@ -61,7 +63,13 @@ class Reloader:
 
     async def poll(self) -> bool | None:
         """One poll: None when nothing changed since the last attempt, else the reload's result.
-        Content that already failed is not tried (nor counted) again until it changes."""
+        Content that already failed is not tried (nor counted) again until it changes. Once an
+        enabled key's expiry has passed, the keys are loaded again (trigger "expiry"), once:
+        which parts a key uses, and so its expiry, is decided when it is loaded, and a PGP key
+        whose newest encryption subkey ran out still has an older one, as gpg would use."""
+        if self._expiry is not None and utcnow() >= self._expiry:
+            self._expiry = None  # tried once; a reload that succeeds sets the next one
+            return await self.reload("expiry")
         digest = await asyncio.to_thread(files_digest, self._watched)
         if digest == self._seen:
             return None
@@ -102,6 +110,7 @@ class Reloader:
                 log.warning("listener change needs a restart; the rest applies",
                             extra={"fields": {"change": warning}})
             self.current.swap(snapshot)
+            self._expiry = self._next_expiry()
             apply_level(config.log_level)
             self.on_swap(snapshot)
             self.metrics.config_reloads.labels("success").inc()
@@ -111,6 +120,15 @@ class Reloader:
             log.info("reloaded", extra={"fields": {"trigger": trigger,
                                                     "generation": self._generation}})
             return True
+
+
+    def _next_expiry(self) -> datetime | None:
+        """The soonest expiry still to come among the enabled keys in service."""
+        now = utcnow()
+        return min((key.expires for keyset in self.current.snapshot.keysets.values()
+                    for key in keyset.keys
+                    if key.enabled and key.expires is not None and key.expires > now),
+                   default=None)
 
 
 def listener_changes(old: Config, new: Config) -> list[str]:

@@ -24,7 +24,7 @@ ALLOWED = {
     "logs": set(),
     "snapshot": {"config", "envelope", "errors", "jose", "keys", "openpgp", "pgp", "tls"},
     "proxy": {"config", "envelope", "errors", "metrics", "snapshot"},
-    "reload": {"config", "errors", "logs", "metrics", "snapshot"},
+    "reload": {"config", "errors", "keys", "logs", "metrics", "snapshot"},
     "admin": {"metrics", "reload", "snapshot"},
     "supervisor": {"admin", "config", "logs", "metrics", "reload", "snapshot"},
     "upstream": set(),

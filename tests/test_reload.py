@@ -7,10 +7,13 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +331,67 @@ async def test_a_reload_applies_log_level_unless_the_command_line_pinned_it(
         (tmp_path / "config.yaml").write_text(text)
         assert await gateway.reload()
         assert root.level == logging.ERROR
+
+
+async def test_keys_are_loaded_again_when_a_part_expires(
+    pgp_keys: PgpKeys, session_tmp: Path, runtime_dir: Path, tmp_path: Path,
+) -> None:
+    """A peer PGP key whose newest encryption subkey runs out while an older one (and the
+    signing primary) stays valid: its expiry was fixed at load from the newest, so the whole
+    key dropped out of use (401 and 500 no_key) until a reload. Polling now loads the keys
+    again once an expiry passes; the key then goes on with the older subkey, as gpg does."""
+    from gateway.errors import NoKeyError
+
+    home = Path(tempfile.mkdtemp(prefix="x", dir=session_tmp))
+    home.chmod(0o700)
+
+    def gpg(*args: str) -> bytes:
+        return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode",
+                               "loopback", "--passphrase", "", *args], capture_output=True,
+                              timeout=120, check=True).stdout
+
+    try:
+        gpg("--quick-gen-key", "google <google@example.test>", "rsa2048", "sign", "1y")
+        fpr = next(line.split(b":")[9].decode() for line in
+                   gpg("--list-keys", "--with-colons").splitlines() if line.startswith(b"fpr"))
+        gpg("--quick-add-key", fpr, "rsa2048", "encr", "1y")
+        time.sleep(1.1)  # a newer subkey, by its creation second
+        gpg("--quick-add-key", fpr, "rsa2048", "encr", "seconds=6")
+        (tmp_path / "google.asc").write_bytes(gpg("--armor", "--export", fpr))
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                       capture_output=True, timeout=30, check=False)
+    text = f"""
+        admin: {{listen: "127.0.0.1:0"}}
+        reload: {{interval_s: 0}}
+        runtime_dir: {runtime_dir}
+        keysets:
+          partner: {{type: pgp, keys: [{{id: p, file: {pgp_keys.sec('partner-a')}}}]}}
+          google: {{type: pgp, keys: [{{id: g, file: {tmp_path / 'google.asc'}}}]}}
+        routes:
+          - {{name: r, direction: inbound, listen: "127.0.0.1:0", own_keys: partner,
+             peer_keys: google, upstream: {{url: "http://127.0.0.1:1"}},
+             pgp: {{engine: native}}}}
+    """
+    async with running_gateway(tmp_path, text) as gateway:
+        def key() -> Any:
+            return gateway.current.snapshot.keysets["google"].keys[0]
+
+        def seal() -> object:
+            return gateway.current.snapshot.routes["r"].envelope.seal(b'{"a": 1}')
+
+        expires = key().expires
+        assert expires is not None and expires - datetime.now(UTC) < timedelta(seconds=8)
+        seal()
+        assert await gateway.reloader.poll() is None
+        await asyncio.sleep((expires - datetime.now(UTC)).total_seconds() + 0.2)
+        with pytest.raises(NoKeyError):
+            seal()
+        assert await gateway.reloader.poll() is True
+        assert gateway.reloader.last is not None and gateway.reloader.last.trigger == "expiry"
+        assert key().expires - datetime.now(UTC) > timedelta(days=300)
+        seal()
+        assert await gateway.reloader.poll() is None
 
 
 async def test_a_worker_counts_the_reloads_it_could_not_apply(
