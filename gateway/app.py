@@ -321,8 +321,9 @@ class _HeadMeter:
 
     Between the end of a request's body and the end of the next head, bytes belong to that
     head: they are counted against max_header_bytes before the parser buffers them, and the head
-    must end within header_timeout_s. A completed head is also measured exactly from the parsed
-    message (a head and its body may share one read). Bytes that follow the end of a body in
+    must end within header_timeout_s. A completed head is also measured from the parsed message
+    and from its bytes as sent, up to its blank line (a head and its body may share one read;
+    the parsed message leaves out optional whitespace). Bytes that follow the end of a body in
     the same read are not counted (one read at most, still under aiohttp's per-line and
     max_headers bounds); the clock of a head pipelined that way starts at the next read."""
 
@@ -335,6 +336,7 @@ class _HeadMeter:
         self._parser = parser
         self._body: Any = None  # the payload of the last request, until it is complete
         self._head_bytes = 0
+        self._tail = b""  # the head's last bytes so far: its end may straddle two reads
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -349,9 +351,15 @@ class _HeadMeter:
             return _NOTHING
         if self._body is not None and self._body.is_eof():
             self._body = None  # what follows is the next head
+        raw_head = 0  # the head's size as sent, when it ends in this read
         if self._body is None and data:
             if self._timer is None:
                 self._start_clock()
+            joined = self._tail + data
+            end = joined.find(b"\r\n\r\n")
+            if end >= 0:
+                raw_head = self._head_bytes - len(self._tail) + end + 4
+            self._tail = joined[-3:]
             self._head_bytes += len(data)
         try:
             result = self._parser.feed_data(data)
@@ -373,10 +381,13 @@ class _HeadMeter:
         messages = result[0]
         limit = self._limits.max_header_bytes
         if messages:
-            if any(_head_size(message) > limit for message, _ in messages):
+            # The parsed size leaves out optional whitespace, which a head sent in one read
+            # could pad to many times the limit (within aiohttp's per-line bounds).
+            if raw_head > limit or any(_head_size(message) > limit for message, _ in messages):
                 return self._refuse("header_bytes", _HEAD_TOO_LARGE)
             self.stop_clock()
             self._head_bytes = 0
+            self._tail = b""
             body = messages[-1][1]
             self._body = None if body.is_eof() else body
         elif self._body is None and self._head_bytes > limit:

@@ -432,6 +432,18 @@ def test_oversized_head_in_all_is_431(gateway: Running) -> None:
     assert_healthy(gateway)
 
 
+def test_a_head_padded_with_whitespace_is_measured_as_sent(gateway: Running) -> None:
+    """Optional whitespace around header values is not in the parsed head: 14 short lines each
+    padded to ~3.7 KiB (under the per-line bound), ~52 KiB in all, in one write, reached the
+    handler (its empty body then a 400) instead of the 431 of a head over max_header_bytes."""
+    lines = b"".join(b"X-Pad-%02d:%sv\r\n" % (i, b" " * 3700) for i in range(14))
+    before = counted(gateway)
+    status, _, body = exchange(gateway, POST_LINE + lines + b"Content-Length: 0\r\n\r\n")
+    assert (status, body) == (431, b"")
+    expect(gateway, before, {"header_bytes": 1})
+    assert_healthy(gateway)
+
+
 def test_too_many_headers_are_refused(gateway: Running) -> None:
     before = counted(gateway)
     lines = b"".join(b"X-H%d: v\r\n" % i for i in range(20))
