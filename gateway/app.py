@@ -355,11 +355,10 @@ class _HeadMeter:
         if self._body is None and data:
             if self._timer is None:
                 self._start_clock()
-            joined = self._tail + data
-            end = joined.find(b"\r\n\r\n")
-            if end >= 0:
-                raw_head = self._head_bytes - len(self._tail) + end + 4
-            self._tail = joined[-3:]
+            end = _head_end(self._tail, data)
+            if end is not None:
+                raw_head = self._head_bytes + end
+            self._tail = (self._tail + data[-3:])[-3:]
             self._head_bytes += len(data)
         try:
             result = self._parser.feed_data(data)
@@ -444,6 +443,17 @@ def _head_timed_out(meter: weakref.ref[_HeadMeter]) -> None:
     alive = meter()
     if alive is not None:
         alive.head_timed_out()
+
+
+def _head_end(tail: bytes, data: bytes) -> int | None:
+    """Where a head's blank line ends, counted from the start of `data`, or None if not in it.
+    `tail` is the last bytes read before (at most 3): the CRLFCRLF may straddle two reads.
+    `data` is searched, not copied: a head and a 64 KiB body often share a read."""
+    across = (tail + data[:3]).find(b"\r\n\r\n")
+    if across >= 0:
+        return across - len(tail) + 4
+    end = data.find(b"\r\n\r\n")
+    return end + 4 if end >= 0 else None
 
 
 def _head_size(message: Any) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
 import signal
 import sys
@@ -341,3 +342,21 @@ async def test_a_head_meters_timer_is_cancelled_on_the_loop_wherever_the_meter_i
         await asyncio.sleep(0)  # the loop runs what it was handed
     assert timer.cancelled()
     assert cancels == [threading.get_ident()]
+
+
+def test_head_end_is_found_however_the_head_is_split() -> None:
+    """_HeadMeter measures a head as sent up to its blank line, which may straddle reads."""
+    chooser = random.Random(7)
+    for _ in range(3000):
+        head = b"POST / HTTP/1.1\r\nA: b" + b" " * chooser.randint(0, 4) + b"\r\n\r\n"
+        stream = head + b"body\r\n\r\nnext"
+        cuts = sorted(chooser.sample(range(1, len(stream)), chooser.randint(1, 8)))
+        tail, before, found = b"", 0, None
+        for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            end = app_module._head_end(tail, stream[start:stop])
+            if end is not None:
+                found = before + end
+                break
+            tail, before = (tail + stream[start:stop][-3:])[-3:], stop
+        assert found == len(head), (cuts, found)
+
