@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["crc24"]
+import base64
+
+__all__ = ["checksum", "crc24"]
 
 
 def _table() -> tuple[int, ...]:
@@ -26,3 +28,8 @@ def crc24(data: bytes) -> int:
     for octet in data:
         crc = ((crc << 8) & 0xFFFFFF) ^ table[(crc >> 16) ^ octet]
     return crc
+
+
+def checksum(data: bytes) -> bytes:
+    """The checksum line's text for `data`, without its "=": base64 of the CRC-24, 4 bytes."""
+    return base64.b64encode(crc24(data).to_bytes(3, "big"))

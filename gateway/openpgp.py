@@ -27,8 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from gateway import b64url
-from gateway.armor import crc24
+from gateway import armor, b64url
 from gateway.config import KeyConfig, KeysetConfig, PgpOptions
 from gateway.envelope import CONTENT_TYPES, Opened, Sealed
 from gateway.errors import (
@@ -258,10 +257,9 @@ def _dearmor(text: bytes, labels: Sequence[bytes]) -> list[bytes]:
         i += 1
         try:
             data = base64.b64decode(b"".join(body), validate=True)
-            crc = None if checksum is None else base64.b64decode(checksum, validate=True)
         except (binascii.Error, ValueError):
             raise _Invalid("armor that is not base64") from None
-        if crc is not None and crc != crc24(data).to_bytes(3, "big"):
+        if checksum is not None and checksum != armor.checksum(data):
             raise _Invalid("armor checksum mismatch")
         blocks.append(data)
     return blocks
@@ -270,8 +268,8 @@ def _dearmor(text: bytes, labels: Sequence[bytes]) -> list[bytes]:
 def _armor(data: bytes) -> bytes:
     text = base64.b64encode(data)
     lines = [text[i:i + 64] for i in range(0, len(text), 64)]
-    crc = base64.b64encode(crc24(data).to_bytes(3, "big"))
-    return (b"-----BEGIN PGP MESSAGE-----\n\n" + b"\n".join(lines) + b"\n=" + crc
+    return (b"-----BEGIN PGP MESSAGE-----\n\n" + b"\n".join(lines) + b"\n="
+            + armor.checksum(data)
             + b"\n-----END PGP MESSAGE-----\n")
 
 

@@ -32,8 +32,7 @@ import gnupg
 from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from gateway import b64url
-from gateway.armor import crc24
+from gateway import armor, b64url
 from gateway.config import KeyConfig, KeysetConfig, PgpOptions
 from gateway.envelope import CONTENT_TYPES, Opened, Sealed
 from gateway.errors import (
@@ -863,10 +862,11 @@ def _armor_checksum_fails(message: bytes) -> bool:
         return False
     sums = [x for x in (line.strip() for line in message.splitlines())
             if x.startswith(b"=") and len(x) == 5]
+    if not sums:
+        return False
     try:
-        written = base64.b64decode(sums[0][1:], validate=True) if sums else None
-        return written is not None and written != crc24(_dearmor(message)).to_bytes(3, "big")
-    except (binascii.Error, ValueError, MalformedError):
+        return sums[0][1:] != armor.checksum(_dearmor(message))
+    except MalformedError:
         return True
 
 

@@ -121,7 +121,6 @@ class Reloader:
                                                     "generation": self._generation}})
             return True
 
-
     def _next_expiry(self) -> datetime | None:
         """The soonest expiry still to come among the enabled keys in service."""
         now = utcnow()

@@ -6,7 +6,7 @@ import base64
 import subprocess
 from pathlib import Path
 
-from gateway.armor import crc24
+from gateway.armor import checksum, crc24
 
 
 def test_crc24_known_values() -> None:
@@ -14,7 +14,7 @@ def test_crc24_known_values() -> None:
     assert crc24(b"123456789") == 0x21CF02  # CRC-24/OPENPGP's check value
 
 
-def test_crc24_is_the_checksum_gpg_writes(tmp_path: Path) -> None:
+def test_checksum_is_the_line_gpg_writes(tmp_path: Path) -> None:
     home = tmp_path / "g"
     home.mkdir(mode=0o700)
     armored = subprocess.run(
@@ -22,5 +22,4 @@ def test_crc24_is_the_checksum_gpg_writes(tmp_path: Path) -> None:
         capture_output=True, timeout=60, check=True).stdout
     lines = armored.decode().strip().splitlines()
     body = "".join(lines[lines.index("") + 1:-2])
-    assert lines[-2] == "=" + base64.b64encode(
-        crc24(base64.b64decode(body)).to_bytes(3, "big")).decode()
+    assert lines[-2].encode() == b"=" + checksum(base64.b64decode(body))
