@@ -151,6 +151,59 @@ def serve_partner() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The plain proxy: the gateway's stack (uvloop, aiohttp server and client, the same TLS context)
+# forwarding bytes as they come, with no crypto, no logging and no metrics. Its cost per request
+# is what any gateway built on this stack pays before its own work: with the floor, it bounds
+# what such a gateway can reach on this machine (bench/README.md, "The plain-proxy bound").
+
+
+def serve_plain_proxy(port: int, upstream: str, cert: str, key: str) -> int:
+    import aiohttp
+    from aiohttp import web
+
+    from gateway.config import ServerTls
+    from gateway.tls import build_server_context
+
+    context = build_server_context(ServerTls(Path(cert), Path(key)), "plain proxy")
+
+    async def main() -> None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            async with session.post(upstream + request.raw_path, data=body, headers={
+                    "Content-Type": request.headers.get("Content-Type", "")}) as answer:
+                return web.Response(body=await answer.read(), status=answer.status,
+                                    headers={"Content-Type": answer.headers["Content-Type"]})
+
+        app = web.Application(client_max_size=4 << 20)
+        app.router.add_route("POST", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context, backlog=1024,
+                           reuse_port=True)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("READY", flush=True)
+        await stop.wait()
+        await runner.cleanup()
+        await session.close()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Processes: /proc figures, start and stop.
 
 
@@ -290,6 +343,32 @@ class Partner:
         self.url = f"http://127.0.0.1:{self.port}"
 
 
+class PlainProxy:
+    """`processes` plain-proxy processes sharing one TLS port (SO_REUSEPORT), as the gateway's
+    workers do; started once per run, idle while anything else is measured."""
+
+    def __init__(self, cleanup: contextlib.ExitStack, log: Path, processes: int,
+                 upstream: str, certs: tuple[Path, ...]) -> None:
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.processes: list[subprocess.Popen[bytes]] = []
+        with log.open("wb") as err:
+            for _ in range(processes):
+                process = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), "_plain_proxy",
+                     str(self.port), upstream, str(certs[1]), str(certs[2])],
+                    stdout=subprocess.PIPE, stderr=err, start_new_session=True, cwd=REPO)
+                cleanup.callback(stop_process, process)
+                self.processes.append(process)
+        for process in self.processes:
+            assert process.stdout is not None
+            if process.stdout.readline().decode().strip() != "READY":
+                raise BenchError(f"the plain proxy did not start; see {log}")
+
+    def cpu_ticks(self) -> int:
+        return sum(sum(cpu_ticks(process.pid)) for process in self.processes)
+
+
 class GatewayProcess:
     """`python -m gateway run --config PATH`, its stderr (JSON log lines) in a file."""
 
@@ -382,6 +461,12 @@ def cpu_percent(before: CpuSample, after: CpuSample, pids: list[int], load_cpu_s
     return Cpu(pct(after.gateway - before.gateway), pct(max(loops, default=0)),
                pct(after.gpg - before.gpg + agents), pct(after.partner - before.partner),
                pct(load_cpu_s * CLK_TCK), 100 * busy / every, 100 * steal / every)
+
+
+def cpu_seconds(before: CpuSample, after: CpuSample) -> float:
+    """The gateway's CPU between two samples: its processes, the gpg it ran, its agents."""
+    agents = sum(t - before.agents.get(pid, 0) for pid, t in after.agents.items())
+    return (after.gateway - before.gateway + after.gpg - before.gpg + agents) / CLK_TCK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,6 +857,12 @@ class CaseResult:
     gateway_c1: Load = field(default_factory=Load)
     partner: Load = field(default_factory=Load)
     partner_c1: Load = field(default_factory=Load)
+    plain: Load = field(default_factory=Load)
+    plain_c1: Load = field(default_factory=Load)
+    # CPU seconds spent during the load slices, for CPU per round trip.
+    gateway_cpu_s: float = 0.0  # its processes and threads, and the gpg it ran
+    plain_cpu_s: float = 0.0
+    floor_cpu_s: float = 0.0  # this process (the floor's threads; the rest of it is idle then)
     floor: Runs = field(default_factory=Runs)
     floor_1: Runs = field(default_factory=Runs)
     ceiling: Runs = field(default_factory=Runs)
@@ -814,8 +905,8 @@ def write_pool(directory: Path, bodies: Sequence[bytes]) -> Path:
 
 
 def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, root: Path,
-             certs: tuple[Path, ...], partner: Partner, stop: threading.Event,
-             say: Callable[[str], None]) -> CaseResult:
+             certs: tuple[Path, ...], partner: Partner, plain: PlainProxy,
+             stop: threading.Event, say: Callable[[str], None]) -> CaseResult:
     size = size_kib * 1024
     result = CaseResult(google.scheme, rsa_keys.bits, SIZES[size_kib], opts.concurrency)
     tag = f"{google.scheme}-{rsa_keys.bits}-{size_kib}"
@@ -849,12 +940,24 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
             google.check(answer_body, answer)
         say(f"  {result.name}: a sample of {min(4, len(sealed))} answers opened and verified "
             f"with Google's keys")
+        # The plain proxy forwards the sealed bytes as they are: the partner's answer is JSON of
+        # the sealed body's size, about the size of the gateway's sealed answer.
+        status, content_type, answer_body = post(plain.port, sealed[0], google.content_type,
+                                                 certs[0])
+        if (status, content_type, answer_body) != (200, PLAINTEXT_CONTENT_TYPE,
+                                                   answer_for(len(sealed[0]))):
+            raise BenchError(f"{result.name}: the plain proxy answered {status} "
+                             f"{content_type!r}")
 
         gateway_url = f"https://127.0.0.1:{route_port}"
 
         def gateway_load(connections: int, seconds: int) -> Load:
             return run_wrk(gateway_url, sealed_dir, len(sealed), google.content_type,
                            google.content_type, connections, seconds)
+
+        def plain_load(connections: int, seconds: int) -> Load:
+            return run_wrk(plain.url, sealed_dir, len(sealed), google.content_type,
+                           PLAINTEXT_CONTENT_TYPE, connections, seconds)
 
         def partner_load(connections: int, seconds: int) -> Load:
             return run_wrk(partner.url, plain_dir, len(plaintexts), PLAINTEXT_CONTENT_TYPE,
@@ -871,6 +974,7 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
 
         # Warm up: agents started, connections made, caches filled.
         gateway_load(opts.concurrency, 1)
+        plain_load(opts.concurrency, 1)
         in_threads(floor, threads, 0.3, stop)
         if pgp is not None:
             in_threads(lambda i: pgp.pipeline(i, messages, answer), threads, 0.5, stop)
@@ -884,7 +988,10 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
             after = gateway.cpu(partner)
             result.gateway.add(load)
             result.cpu.append(cpu_percent(before, after, gateway.own_pids(), load.load_cpu))
+            result.gateway_cpu_s += cpu_seconds(before, after)
+            times = os.times()
             floor_slice = in_threads(floor, threads, full, stop)
+            result.floor_cpu_s += sum(os.times()[:2]) - sum(times[:2])
             result.floor.add(floor_slice)
             ceiling = ""
             if pgp is not None:
@@ -892,7 +999,12 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
                                            threads, full, stop)
                 result.ceiling.add(ceiling_slice)
                 ceiling = f", gpg ceiling {ceiling_slice.per_second:.1f}"
+            ticks = plain.cpu_ticks()
+            plain_slice = plain_load(opts.concurrency, full)
+            result.plain_cpu_s += (plain.cpu_ticks() - ticks) / CLK_TCK
+            result.plain.add(plain_slice)
             result.gateway_c1.add(gateway_load(1, half))
+            result.plain_c1.add(plain_load(1, half))
             result.partner_c1.add(partner_load(1, half))
             result.partner.add(partner_load(opts.concurrency, half))
             result.floor_1.add(in_threads(floor, 1, half, stop))
@@ -900,7 +1012,8 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
                 result.ceiling_1.add(in_threads(
                     lambda i: pgp.pipeline(i, messages, answer), 1, half, stop))
             say(f"  {result.name} slice {n}/{opts.slices}: gateway {load.per_second:.1f} rt/s "
-                f"(CPU {result.cpu[-1].gateway:.0f}%), floor {floor_slice.per_second:.1f}{ceiling}")
+                f"(CPU {result.cpu[-1].gateway:.0f}%), floor {floor_slice.per_second:.1f}{ceiling}"
+                f", plain proxy {plain_slice.per_second:.0f}")
         result.lag = lag_p99_ms(lag_before, loop_lag(admin_port))
         result.rss_mib = gateway.peak_rss_mib()
         if opts.profile is not None:
@@ -1144,6 +1257,42 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
             f"{fmt(gw / r.partner.per_second if r.partner.per_second else math.nan, '.3f'):>11}")
     out += [
         "",
+        "The plain-proxy bound: plain = wrk at the plain proxy (the gateway's stack: uvloop, "
+        "aiohttp server and client, the same TLS context, as many processes as workers; no "
+        "crypto, no log, no metrics) forwarding the same sealed bodies to the partner; bound = "
+        "1 / (1/plain + 1/floor), the rt/s of a gateway on this stack whose own work costs "
+        "nothing beyond the floor's crypto; c1 added = plain-proxy p50 - partner-direct p50 at "
+        "concurrency 1.",
+        "",
+        f"{'case':<18}{'plain':>9}{'bound':>9}{'bound/floor':>12}{'gw/bound':>9}"
+        f"{'gw/plain':>9}{'plain c1 added':>15}",
+    ]
+    for r in results:
+        gw, pl, fl = r.gateway.per_second, r.plain.per_second, r.floor.per_second
+        bound = 1 / (1 / pl + 1 / fl) if pl and fl else math.nan
+        c1 = r.plain_c1.percentile_ms(50) - r.partner_c1.percentile_ms(50)
+        out.append(
+            f"{r.name:<18}{fmt(pl, '.0f'):>9}{fmt(bound, '.0f'):>9}"
+            f"{fmt(bound / fl if fl else math.nan, '.2f'):>12}"
+            f"{fmt(gw / bound, '.2f'):>9}{fmt(gw / pl if pl else math.nan, '.2f'):>9}"
+            f"{fmt(c1, '.2f'):>15}")
+    out += [
+        "",
+        "CPU per round trip in ms over the load slices (/proc ticks; the floor from this "
+        "process's os.times()): gateway = its processes, threads, gpg and agents; own = gateway "
+        "- plain - floor, the gateway's work beyond forwarding on this stack and the raw crypto "
+        "(for PGP the floor is cryptography's, not gpg's).",
+        "",
+        f"{'case':<18}{'gateway':>9}{'plain':>9}{'floor':>9}{'own':>9}",
+    ]
+    for r in results:
+        per = [cpu / n * 1000 if n else math.nan for cpu, n in (
+            (r.gateway_cpu_s, r.gateway.good + r.gateway.bad), (r.plain_cpu_s, r.plain.good),
+            (r.floor_cpu_s, r.floor.count))]
+        out.append(f"{r.name:<18}" + "".join(f"{fmt(v, '.3f'):>9}" for v in per)
+                   + f"{fmt(per[0] - per[1] - per[2], '.3f'):>9}")
+    out += [
+        "",
         "Concurrency 1 (medians): added = gateway p50 - partner-direct p50 (TLS to the gateway, "
         "plain HTTP to the partner); budget = floor round trip + 1 ms.",
         "",
@@ -1178,6 +1327,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_partner"]:
         return serve_partner()
+    if argv[:1] == ["_plain_proxy"] and len(argv) == 5:
+        return serve_plain_proxy(int(argv[1]), argv[2], argv[3], argv[4])
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="Every figure comes from one run; see bench/README.md for what each means.")
@@ -1278,6 +1429,9 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
         cleanup.callback(stop.set)
         certs = write_sandbox_certificates(root)
         partner = Partner(cleanup, root / "partner.log")
+        plain = PlainProxy(cleanup, root / "plain-proxy.log",
+                           cores() if opts.workers == "auto" else int(opts.workers),
+                           partner.url, certs)
         for bits in args.bits:
             say(f"RSA-{bits}: making keys")
             rsa_keys = make_rsa_keys(root, bits)
@@ -1292,7 +1446,7 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
             for google in sides:
                 for size in args.size:
                     results.append(run_case(google, rsa_keys, size, opts, root, certs, partner,
-                                            stop, say))
+                                            plain, stop, say))
     say("")
     for line in report(results, opts):
         say(line)
