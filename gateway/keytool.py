@@ -516,11 +516,12 @@ def _mask_digits(text: str) -> str:
 def show_masked(plaintext: bytes) -> str:
     """The plaintext JSON with payment data masked; a non-JSON plaintext is not shown."""
     try:
-        value = json.loads(plaintext)
-    except ValueError:
-        return (f"(the plaintext of {len(plaintext)} bytes is not JSON: not shown without "
-                "--show-payment-data)")
-    return json.dumps(mask_payment_data(value), indent=2, ensure_ascii=False)
+        # RecursionError: nested deeper than json (or the masking and dumping) can follow.
+        return json.dumps(mask_payment_data(json.loads(plaintext)), indent=2,
+                          ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return (f"(the plaintext of {len(plaintext)} bytes is not JSON that can be shown: not "
+                "shown without --show-payment-data)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +592,7 @@ def _echo(snapshot: Snapshot, route_name: str, account: str) -> int:
     print(show_masked(opened.plaintext))
     try:
         message = json.loads(opened.plaintext)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _Failed("Google's answer opened but is not JSON") from None
     if not isinstance(message, dict) or message.get("clientMessage") != client_message:
         raise _Failed("Google's answer opened but does not echo our clientMessage")

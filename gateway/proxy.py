@@ -8,10 +8,12 @@ import json
 import logging
 import re
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -59,6 +61,7 @@ _MESSAGES = {
     "target": "The request target must be a path, not a full URL: this is not a forward proxy.",
     "request_timeout": "The request body did not arrive within the configured time.",
     "route_removed": "This route is not in the gateway's configuration any more.",
+    "internal": "The gateway failed unexpectedly; see its log.",
 }
 
 
@@ -164,6 +167,16 @@ class Proxy:
                 except Failure as failure:
                     record["reason"] = failure.reason
                     response = self._failure(direction, failure)
+                except ConnectionError:
+                    raise  # the client went away: aiohttp closes the connection, as ever
+                except Exception as exc:  # a bug of ours: still answered, logged and counted
+                    record["reason"] = "internal"
+                    response = self._failure(direction, Failure(500, "internal", "request"))
+                    # The type and where it was raised, never its text: that could quote
+                    # the message.
+                    log.error("unexpected error", extra={"fields": {
+                        "route": self.route_name, "error": type(exc).__name__,
+                        "at": _raised_at(exc)}})
                 finally:
                     self.inflight.leave()
             response.headers["Server"] = SERVER
@@ -404,6 +417,12 @@ async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: 
         chunks.append(chunk)
 
 
+def _raised_at(exc: BaseException) -> str:
+    """'file.py:line' of the innermost frame of `exc`'s traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+
+
 def _with_request_id(function: Callable[[bytes], R], data: bytes) -> tuple[R, str | None]:
     """Seal or open `data`, and read the requestId of the plaintext (the input of a seal)."""
     result = function(data)
@@ -414,7 +433,7 @@ def _request_id(plaintext: bytes) -> str | None:
     """requestHeader.requestId of a JSON message, only if it has the documented shape."""
     try:
         message = json.loads(plaintext)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested ~1000 deep, valid or not
         return None
     if not isinstance(message, dict):
         return None

@@ -21,7 +21,7 @@ from gateway.__main__ import main
 from gateway.config import JoseOptions, KeyConfig, KeysetConfig, KeyState, PgpOptions
 from gateway.jose import JoseEnvelope, load_jose_keyset
 from gateway.keys import Keyset
-from gateway.keytool import mask_payment_data
+from gateway.keytool import mask_payment_data, show_masked
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
 from tests.e2e import Pki, rsa_public
 from tests.jose_fixtures import JoseKeys, NodeJose, NodeJoseError, craft_jwe
@@ -518,6 +518,14 @@ def test_masking_walks_every_value() -> None:
         "a": [{"cardNumber": "************1111"}, "************0004"], "cryptogram": None,
         "b": {"cryptogram": "****"}, "short": "123456789012", "epochMillis": "1795843151000",
         "flag": True}
+
+
+@pytest.mark.parametrize("depth", [500, 995, 5000])
+def test_a_deeply_nested_plaintext_is_not_shown_rather_than_crashing(depth: int) -> None:
+    plaintext = b'{"a":' * depth + b'"4111111111111111"' + b"}" * depth
+    shown = show_masked(plaintext)
+    assert "4111111111111111" not in shown
+    assert "1111" in shown or "not shown" in shown
 
 
 # -- echo -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import socket
 import ssl
 import warnings
@@ -19,6 +20,7 @@ import aiohttp
 import pytest
 
 import gateway.app as app_module
+import gateway.proxy as proxy_module
 from gateway.envelope import CONTENT_TYPES
 from tests.e2e import (
     ANSWER,
@@ -262,6 +264,75 @@ async def test_inbound_answer_with_nothing_to_seal_is_500(
         status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
     assert (status, body) == (500, b"")
     assert len(partner.calls) == 1  # the partner processed it: the gateway logs an error
+
+
+# A plaintext nested deeper than CPython's json can parse: the gateway never parses the
+# plaintext but for its best-effort requestId, which must not fail the request.
+NESTED = b"[" * 5000 + b"]" * 5000
+PAN = "4111111111111111"
+
+
+async def test_a_deeply_nested_plaintext_is_forwarded_in_both_directions(
+    request: pytest.FixtureRequest, runtime_dir: Path, pki: Pki, tmp_path: Path,
+) -> None:
+    google = google_for(request, "jose")
+    partner = await StandIn(json_answer(NESTED)).start()
+    service = google_service(google, answer=NESTED, expect=NESTED)
+    service.ssl_context = pki.server_context()
+    await service.start()
+    sealed = await asyncio.to_thread(google.seal, NESTED)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                  outbound_url=service.url, upstream_extra=f", ca: {pki.ca}")
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            inbound = await post(gateway, "in", sealed, ctx=pki.client_context())
+            outbound = await post(gateway, "out", NESTED)
+    finally:
+        await partner.stop()
+        await service.stop()
+    assert inbound[0] == 200
+    assert (await asyncio.to_thread(google.open, inbound[2]))[0] == NESTED
+    assert [call.body for call in partner.calls] == [NESTED]
+    assert (outbound[0], outbound[2]) == (200, NESTED)
+    assert len(service.calls) == 1
+
+
+async def test_an_unexpected_error_is_answered_logged_and_counted_without_its_text(
+    request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    google = google_for(request, "jose")
+
+    def broken(plaintext: bytes) -> str:
+        raise RuntimeError(f"card {PAN}")
+
+    monkeypatch.setattr(proxy_module, "_request_id", broken)
+    caplog.set_level(logging.INFO, logger="gateway.proxy")
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    service = await StandIn(json_answer(ANSWER), ssl_context=pki.server_context()).start()
+    text = config(google, runtime_dir, pki, inbound_url=partner.url, outbound_url=service.url,
+                  upstream_extra=f", ca: {pki.ca}")
+    try:
+        async with running_gateway(tmp_path, text) as gateway:
+            inbound = await post(gateway, "in", sealed, ctx=pki.client_context())
+            outbound = await post(gateway, "out", REQUEST)
+            metrics = gateway.metrics.render().decode()
+    finally:
+        await service.stop()
+    assert (inbound[0], inbound[2]) == (500, b"")
+    assert (outbound[0], error_of(outbound[2])) == (500, "internal")
+    assert (partner.calls, service.calls) == ([], [])
+    for route, direction in (("in", "inbound"), ("out", "outbound")):
+        assert (f'gateway_requests_total{{code="500",direction="{direction}",'
+                f'route="{route}"}} 1.0') in metrics
+    errors = [record.fields for record in caplog.records  # type: ignore[attr-defined]
+              if record.getMessage() == "unexpected error"]
+    assert [(e["error"], e["at"].startswith("test_proxy.py:")) for e in errors] == \
+        [("RuntimeError", True)] * 2
+    requests = [record.fields for record in caplog.records  # type: ignore[attr-defined]
+                if record.getMessage() == "request"]
+    assert [(r["status"], r["reason"]) for r in requests] == [(500, "internal")] * 2
+    assert PAN not in caplog.text
 
 
 # -- the failure table, outbound: JSON errors for the local caller --------------------------
