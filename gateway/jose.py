@@ -69,6 +69,7 @@ _WRAP_KEYS: dict[str, str] = {
 }
 _CURVES = ("P-256", "P-384", "P-521")
 _MIN_RSA_BITS = 2048
+_MAX_RSA_BITS = 8192  # what the encrypted-key and signature bounds below leave room for
 _MAX_KEY_FILE_BYTES = 1 << 20
 
 # Bounds on compact segments (base64url characters), checked before anything is decoded.
@@ -185,8 +186,9 @@ def _load_key(config: KeyConfig) -> Key:
         except (MalformedError, UnicodeEncodeError):
             raise ConfigError(place, "the RSA modulus 'n' is not base64url") from None
         bits = int.from_bytes(modulus, "big").bit_length()
-        if bits < _MIN_RSA_BITS:
-            raise ConfigError(place, f"RSA key of {bits} bits; at least {_MIN_RSA_BITS} needed")
+        if not _MIN_RSA_BITS <= bits <= _MAX_RSA_BITS:
+            raise ConfigError(place, f"RSA key of {bits} bits; {_MIN_RSA_BITS} to "
+                                     f"{_MAX_RSA_BITS} accepted")
         algorithm = f"RSA-{bits}"
     elif kty == "EC" and jwk.get("crv") in _CURVES:
         algorithm = f"EC-{str(jwk['crv']).replace('-', '')}"
@@ -448,6 +450,7 @@ class JoseEnvelope:
         (plaintext over the cap, compressed or not). Nothing else."""
         jwe = self._parse(body)
         self._check_jwe_header(jwe.header)
+        _check_iv_and_tag(jwe)
         key, data = self._decrypt(jwe)
         if "zip" in jwe.header:
             data = _inflate(data, self._jws_limit)
@@ -598,6 +601,22 @@ def jwe_header(body: bytes) -> dict[str, Any] | None:
     if len(parts) != 5 or len(parts[0]) > _MAX_HEADER or not b64url.is_unpadded(parts[0]):
         return None
     return _json_object(b64url.decode(parts[0]))
+
+
+# (iv, tag) lengths in bytes per `enc` (RFC 7518 5.2.3-5.2.5 and 5.3: a 96-bit IV is REQUIRED
+# for GCM). cryptography's GCM takes any IV of 8 bytes and up, and other implementations
+# (panva's jose) refuse what the RFC does not allow: so do we.
+_IV_AND_TAG = {
+    "A128GCM": (12, 16), "A192GCM": (12, 16), "A256GCM": (12, 16),
+    "A128CBC-HS256": (16, 16), "A192CBC-HS384": (16, 24), "A256CBC-HS512": (16, 32),
+}
+
+
+def _check_iv_and_tag(jwe: _Jwe) -> None:
+    iv_bytes, tag_bytes = _IV_AND_TAG[jwe.header["enc"]]
+    if len(jwe.iv) != iv_bytes or len(jwe.tag) != tag_bytes:
+        raise MalformedError(f"JWE iv of {len(jwe.iv)} or tag of {len(jwe.tag)} bytes; "
+                             f"{jwe.header['enc']} takes {iv_bytes} and {tag_bytes}")
 
 
 def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:

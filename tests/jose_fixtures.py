@@ -311,11 +311,13 @@ def craft_jwe(
     *,
     cek: bytes | None = None,
     deflated: bytes | None = None,
+    gcm_iv_bytes: int = 12,
 ) -> str:
     """A compact JWE with exactly `header`: key management RSA-OAEP-256, RSA-OAEP or RSA1_5
     (to `key`), or `dir` (with `cek`); content A128GCM/A256GCM/A128CBC-HS256/A256CBC-HS512.
     With `zip: DEF` the plaintext is raw-deflated, unless `deflated` gives the bytes to
-    encrypt as they are (a bomb, say)."""
+    encrypt as they are (a bomb, say). `gcm_iv_bytes`: an IV of another size than RFC 7518's
+    96 bits, which AES-GCM itself takes."""
     alg, enc = str(header["alg"]), str(header["enc"])
     sizes = {"A128GCM": 16, "A256GCM": 32, "A128CBC-HS256": 32, "A256CBC-HS512": 64}
     cek = cek if cek is not None else os.urandom(sizes[enc])
@@ -342,7 +344,7 @@ def craft_jwe(
     protected = b64u(json.dumps(header))
     aad = protected.encode("ascii")
     if enc.endswith("GCM"):
-        iv = os.urandom(12)
+        iv = os.urandom(gcm_iv_bytes)
         sealed = AESGCM(cek).encrypt(iv, content, aad)
         ciphertext, tag = sealed[:-16], sealed[-16:]
     else:

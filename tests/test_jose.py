@@ -273,9 +273,24 @@ def test_key_file_errors_name_the_place(
 
 def test_rsa_below_2048_bits_is_refused(jose_keys: JoseKeys, tmp_path: Path) -> None:
     path = bad_file(tmp_path, {**rsa_1024_jwk(), "kid": "partner-sig-a"})
-    with pytest.raises(ConfigError, match="1024 bits; at least 2048") as caught:
+    with pytest.raises(ConfigError, match="1024 bits; 2048 to 8192 accepted") as caught:
         load_jose_keyset(one_key(jose_keys, path))
     assert caught.value.place == "keysets.k.keys[0].file"
+
+
+def test_rsa_above_8192_bits_is_refused_at_load_not_at_every_message(
+    jose_keys: JoseKeys, tmp_path: Path,
+) -> None:
+    """A bigger key's signatures and encrypted keys exceed the segment bounds checked before
+    decoding: it would load, then fail every message."""
+    def public(size: int) -> Path:  # an odd modulus of `size` bytes: a valid public JWK
+        return bad_file(tmp_path, {"kty": "RSA", "n": b64u(b"\xff" * size), "e": "AQAB",
+                                   "use": "sig"})
+
+    config = one_key(jose_keys, public(1024))
+    assert load_jose_keyset(config).keys[0].algorithm == "RSA-8192"
+    with pytest.raises(ConfigError, match="8200 bits; 2048 to 8192 accepted"):
+        load_jose_keyset(one_key(jose_keys, public(1025)))
 
 
 def test_other_curves_are_refused(jose_keys: JoseKeys, tmp_path: Path) -> None:

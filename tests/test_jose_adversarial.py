@@ -141,6 +141,25 @@ def test_tampered_parts_do_not_decrypt(
     refused(jose_partner, replace_part(body, index, flip_first(part)), DecryptError)
 
 
+@pytest.mark.parametrize("iv_bytes", [8, 11, 13, 16, 32])
+def test_a_gcm_iv_other_than_96_bits_is_malformed(
+    jose_keys: JoseKeys, jose_partner: JoseEnvelope, iv_bytes: int,
+) -> None:
+    """RFC 7518 5.3 requires a 96-bit IV; AES-GCM takes others, panva's jose refuses them."""
+    body = to_partner(jose_keys, signed(jose_keys), gcm_iv_bytes=iv_bytes)
+    assert f"iv of {iv_bytes}" in str(refused(jose_partner, body, MalformedError))
+
+
+@pytest.mark.parametrize("enc", ["A256GCM", "A128CBC-HS256", "A256CBC-HS512"])
+def test_a_truncated_or_padded_tag_is_malformed(
+    jose_keys: JoseKeys, jose_partner: JoseEnvelope, enc: str,
+) -> None:
+    body = to_partner(jose_keys, signed(jose_keys), {**JWE_HEADER, "enc": enc})
+    tag = b64url.decode(body.split(b".")[4])
+    for other in (tag[:-1], tag + b"\0"):
+        refused(jose_partner, replace_part(body, 4, b64u(other)), MalformedError)
+
+
 def test_tampered_header_does_not_decrypt(jose_keys: JoseKeys, jose_partner: JoseEnvelope) -> None:
     body = valid(jose_keys)
     header = b64u(json.dumps({**JWE_HEADER, "typ": "JOSE"}))  # same alg, enc, kid: only the AAD
@@ -152,7 +171,7 @@ def test_truncated(jose_keys: JoseKeys, jose_partner: JoseEnvelope) -> None:
     refused(jose_partner, body[: len(body) // 2], MalformedError)
     parts = body.decode("ascii").split(".")
     refused(jose_partner, replace_part(body, 3, parts[3][:-8]), DecryptError)
-    refused(jose_partner, replace_part(body, 4, parts[4][:8]), DecryptError)
+    refused(jose_partner, replace_part(body, 4, parts[4][:8]), MalformedError)  # 6-byte tag
     refused(jose_partner, replace_part(body, 4, parts[4][:-1]), MalformedError)  # 21 chars
 
 
