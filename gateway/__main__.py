@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway import hangup
 from gateway.config import LOG_LEVELS, load_config, shown_url
 from gateway.errors import ConfigError, EngineError
 from gateway.keys import expiring
@@ -57,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo()
     if args.command in ("keys", "open", "seal", "echo"):
         return _key_command(parser, args)
+    hangup.hold()  # first: a SIGHUP while starting must not kill the process
+    from gateway.app import load_run_config
+
     try:
-        config = load_config(args.config)
+        config = load_run_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

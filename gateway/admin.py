@@ -3,15 +3,21 @@ process and the supervisor of several workers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
+from gateway.keys import expiring
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.reload import Reloader
-from gateway.snapshot import Snapshot
+from gateway.snapshot import Current, Snapshot
+
+log = logging.getLogger("gateway.app")  # where operators have always found the expiry warning
 
 
 def build_admin_app(ready: Callable[[], str | None], metrics: Metrics,
@@ -63,6 +69,25 @@ def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool) -> d
             for name, keyset in snapshot.keysets.items()
         },
     }
+
+
+def warn_expiring(snapshot: Snapshot) -> None:
+    """Log each enabled key expiring within warn_expiry_days (start-up, reload, daily)."""
+    now = datetime.now(UTC)
+    within = timedelta(days=snapshot.config.warn_expiry_days)
+    for keyset, key in expiring(snapshot.keysets.values(), within, now):
+        assert key.expires is not None
+        log.warning("key expires soon", extra={"fields": {
+            "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
+            "expires": key.expires.isoformat(),
+            "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
+
+
+async def warn_daily(current: Current) -> None:
+    """warn_expiring once a day, for the configuration in service then."""
+    while True:
+        await asyncio.sleep(86400)
+        warn_expiring(current.snapshot)
 
 
 def describe_keys(metrics: Metrics, snapshot: Snapshot) -> None:

@@ -14,7 +14,6 @@ import weakref
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
-from gateway.admin import build_admin_app, describe_keys, status_document
+from gateway import hangup
+from gateway.admin import build_admin_app, describe_keys, status_document, warn_daily, warn_expiring
 from gateway.config import Config, Limits, load_config, usable_cores
-from gateway.keys import expiring
 from gateway.logs import count_drops
 from gateway.metrics import Metrics
 from gateway.proxy import Inflight, Proxy
@@ -76,7 +75,8 @@ class Gateway:
             snapshot.config.path, self.current,
             lambda config, generation: build_snapshot(config, generation, workdir,
                                                       gpg_slots(slots)),
-            metrics, on_swap=self._describe)
+            metrics, on_swap=self._describe,
+            load=load_config if worker is None else worker.load_config)
         self._describe(snapshot)
 
     async def reload(self, trigger: str = "api") -> bool:
@@ -89,9 +89,11 @@ class Gateway:
         self._watching = True
         if self.worker is None:
             self._spawn(self.reloader.poll_forever())
-            self._spawn(self._warn_daily())
+            self._spawn(warn_daily(self.current))
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, lambda: self._spawn(self.reloader.reload("sighup")))
+        if hangup.take():  # one came while starting
+            self._spawn(self.reloader.reload("sighup"))
 
     def _spawn(self, coroutine: Coroutine[object, object, object]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -186,6 +188,7 @@ class Gateway:
         """Close every listener, the upstream session, the executor and the GnuPG homes."""
         if self._watching:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            hangup.ignore()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -208,11 +211,6 @@ class Gateway:
             started = loop.time()
             await asyncio.sleep(period)
             self.metrics.loop_lag.observe(max(0.0, loop.time() - started - period))
-
-    async def _warn_daily(self) -> None:
-        while True:
-            await asyncio.sleep(86400)
-            warn_expiring(self.current.snapshot)
 
     def _retire(self, snapshot: Snapshot) -> None:
         # Closing stops gpg-agents (subprocesses): off the event loop.
@@ -241,19 +239,6 @@ class Gateway:
         if self.worker is None:  # a worker's supervisor describes the configuration
             warn_expiring(snapshot)
             describe_keys(self.metrics, snapshot)
-
-def warn_expiring(snapshot: Snapshot) -> None:
-        """Log each enabled key expiring within warn_expiry_days (start-up, reload, daily)."""
-        now = datetime.now(UTC)
-        within = timedelta(days=snapshot.config.warn_expiry_days)
-        for keyset, key in expiring(snapshot.keysets.values(), within, now):
-            assert key.expires is not None
-            log.warning("key expires soon", extra={"fields": {
-                "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
-                "expires": key.expires.isoformat(),
-                "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
-
-
 
 class ConnectionGuard:
     """Bounds a listener's connections: at most limits.max_connections open (more are closed at
@@ -525,10 +510,17 @@ def gpg_slots(slots: int) -> int:
     return slots + 1
 
 
+def load_run_config(config_path: Path) -> Config:
+    """The configuration `run` serves: the operator's file, or in a worker the supervisor's
+    copy of what it validated (mirror.py). Raises ConfigError."""
+    worker = WorkerRole.from_environment()
+    return load_config(config_path) if worker is None else worker.load_config(config_path)
+
+
 async def serve(config_path: Path) -> int:
     """`run`: serve until SIGTERM or SIGINT, then drain. Returns the exit status."""
-    config = load_config(config_path)
     worker = WorkerRole.from_environment()
+    config = load_run_config(config_path)
     if worker is None and config.workers > 1:
         return await supervise(config)
     gateway = await build_gateway(config, worker=worker)

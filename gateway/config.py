@@ -16,7 +16,7 @@ import re
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -194,9 +194,13 @@ class Config:
     drain_delay_s: float = 0.0
     shutdown_timeout_s: float = 30.0
     warn_expiry_days: int = 30
+    # Set when loaded from a mirror (mirror.py): every file it names is read under this
+    # directory, at its absolute path below it; `path` and files() name the originals.
+    root: Path | None = None
 
     def files(self) -> tuple[Path, ...]:
-        """Every file this configuration names (for reload's content hashes), config first."""
+        """Every file this configuration names (for reload's content hashes), config first:
+        the operator's files, also when the configuration was loaded from a mirror."""
         paths: list[Path] = [self.path]
         for keyset in self.keysets.values():
             for key in keyset.keys:
@@ -210,6 +214,8 @@ class Config:
                     paths.append(route.tls.client_ca)
             up = route.upstream
             paths += [p for p in (up.ca, up.client_cert, up.client_key) if p]
+        if self.root is not None:
+            paths[1:] = [Path("/") / p.relative_to(self.root) for p in paths[1:]]
         return tuple(dict.fromkeys(paths))
 
 
@@ -254,13 +260,16 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and check the YAML file at `path`. Raises ConfigError naming the place."""
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None,
+                root: Path | None = None) -> Config:
+    """Read and check the YAML file at `path`. Raises ConfigError naming the place. With
+    `root`, the config file and every file it names are read at their absolute paths under
+    `root` (a mirror, mirror.py), while messages and Config.files() name the originals."""
     path = Path(path).absolute()
-    reader = _Reader(path.parent, os.environ if environ is None else environ)
+    reader = _Reader(path.parent, os.environ if environ is None else environ, root)
     try:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = reader.under_root(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
         try:
@@ -269,7 +278,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError("", f"'{path}' is not valid YAML{where}") from None
-        return _parse(reader, data, path)
+        return replace(_parse(reader, data, path), root=root)
     except ConfigError as exc:
         exc.files = tuple(dict.fromkeys((path, *reader.paths)))
         raise
@@ -684,10 +693,15 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 class _Reader:
     """Typed access to YAML nodes; substitutes ${ENV} and resolves relative paths."""
 
-    def __init__(self, base: Path, environ: Mapping[str, str]) -> None:
+    def __init__(self, base: Path, environ: Mapping[str, str], root: Path | None = None) -> None:
         self.base = base
         self.environ = environ
-        self.paths: list[Path] = []  # every file named so far, there or not
+        self.root = root
+        self.paths: list[Path] = []  # every file named so far, there or not (the originals)
+
+    def under_root(self, path: Path) -> Path:
+        """Where an (absolute) file named by the configuration is read."""
+        return path if self.root is None else self.root / path.relative_to(path.anchor)
 
     def mapping(self, node: Any, place: str) -> _Mapping:
         if not isinstance(node, dict):
@@ -763,9 +777,11 @@ class _Reader:
         path = Path(text).expanduser()
         if not path.is_absolute():
             path = self.base / path
-        if must_exist:
-            self.paths.append(path)
-        if must_exist and not path.is_file():
+        if not must_exist:
+            return path  # a place to create (runtime_dir): never under a mirror's root
+        self.paths.append(path)
+        path = self.under_root(path)
+        if not path.is_file():
             raise ConfigError(place, f"no such file '{text}'")
         return path
 

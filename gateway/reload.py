@@ -35,8 +35,12 @@ class Reloader:
 
     def __init__(self, path: Path, current: Current,
                  build: Callable[[Config, int], Snapshot], metrics: Metrics,
-                 on_swap: Callable[[Snapshot], None]) -> None:
+                 on_swap: Callable[[Snapshot], None],
+                 load: Callable[[Path], Config] = load_config) -> None:
+        """`load`: how `path` becomes a Config (a supervisor stages a mirror, a worker loads
+        the supervisor's mirror: mirror.py)."""
         self.path = path
+        self.load = load
         self.current = current
         self.build = build
         self.metrics = metrics
@@ -83,7 +87,7 @@ class Reloader:
             old = self.current.snapshot.config
             try:
                 try:
-                    config = await asyncio.to_thread(load_config, self.path)
+                    config = await asyncio.to_thread(self.load, self.path)
                 except ConfigError as exc:
                     # Hashed after the attempt: a file that changed during it is taken as
                     # seen (SIGHUP, or its next change, tries again).

@@ -16,10 +16,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.admin import build_admin_app, describe_keys, status_document
+from gateway import hangup
+from gateway.admin import (
+    build_admin_app,
+    describe_keys,
+    status_document,
+    warn_daily,
+    warn_expiring,
+)
 from gateway.config import Config
 from gateway.logs import pinned_level
 from gateway.metrics import Metrics
+from gateway.mirror import Mirror, load_mirrored
 from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
 
@@ -34,6 +42,11 @@ class WorkerRole:
     index: int
     ports: dict[str, int]
     ready_file: Path
+    config_pointer: Path  # the supervisor's mirror of the configuration in service
+
+    def load_config(self, path: Path) -> Config:
+        """`path`, the operator's config file, as the supervisor validated it (mirror.py)."""
+        return load_mirrored(self.config_pointer, path)
 
     @classmethod
     def from_environment(cls) -> WorkerRole | None:
@@ -42,11 +55,12 @@ class WorkerRole:
             return None
         data = json.loads(text)
         return cls(int(data["index"]), {k: int(v) for k, v in data["ports"].items()},
-                   Path(data["ready_file"]))
+                   Path(data["ready_file"]), Path(data["config_pointer"]))
 
     def to_environment(self) -> str:
         return json.dumps({"index": self.index, "ports": self.ports,
-                           "ready_file": str(self.ready_file)})
+                           "ready_file": str(self.ready_file),
+                           "config_pointer": str(self.config_pointer)})
 
 
 class Supervisor:
@@ -57,17 +71,24 @@ class Supervisor:
         self.metrics_dir.mkdir(mode=0o700)
         self.metrics = Metrics(role="supervisor")
         self.metrics.aggregate(str(self.metrics_dir))
+        # Workers load the copy in service, never the operator's files (mirror.py).
+        self.mirror = Mirror(workdir / "config")
+        config = self.config = self.mirror.load(config.path)
         snapshot = build_snapshot(config, 1, workdir, slots=0)
+        self.mirror.publish(config)
         self.current = Current(snapshot, lambda old: None)
         self.reloader = Reloader(config.path, self.current,
                                  lambda c, g: build_snapshot(c, g, workdir, slots=0),
-                                 self.metrics, on_swap=self._swapped)
+                                 self.metrics, on_swap=self._swapped, load=self.mirror.load)
+        # The workers leave describing the configuration (gauges, expiry warnings) to us.
         describe_keys(self.metrics, snapshot)
+        warn_expiring(snapshot)
         self.draining = False
         self.ports: dict[str, int] = {}
         self._reserved: list[socket.socket] = []
         self.workers: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self._owed: set[int] = set()  # pids of workers that missed a reload while starting
 
     def reserve_ports(self) -> None:
         """Bind (without listening) each route's address with SO_REUSEPORT: port 0 becomes one
@@ -86,7 +107,7 @@ class Supervisor:
 
     async def start_worker(self, index: int) -> None:
         self._ready_file(index).unlink(missing_ok=True)
-        role = WorkerRole(index, self.ports, self._ready_file(index))
+        role = WorkerRole(index, self.ports, self._ready_file(index), self.mirror.pointer)
         env = {**os.environ, "GATEWAY_WORKER": role.to_environment(),
                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         level = pinned_level()
@@ -99,7 +120,13 @@ class Supervisor:
         task.add_done_callback(self._watchers.discard)
 
     async def _watch(self, index: int, process: asyncio.subprocess.Process) -> None:
-        code = await process.wait()
+        waiting = asyncio.ensure_future(process.wait())
+        while not waiting.done() and not self._ready_file(index).exists():
+            await asyncio.wait([waiting], timeout=0.05)
+        if process.pid in self._owed and not waiting.done():
+            process.send_signal(signal.SIGHUP)
+        self._owed.discard(process.pid)
+        code = await waiting
         if self.draining:
             return
         log.error("worker exited; starting a new one",
@@ -115,10 +142,18 @@ class Supervisor:
         return None if ready and self.workers else "starting"
 
     def _swapped(self, snapshot: Snapshot) -> None:
+        self.mirror.publish(snapshot.config)
         describe_keys(self.metrics, snapshot)
-        for process in self.workers.values():
-            if process.returncode is None:
+        warn_expiring(snapshot)
+        for index, process in self.workers.items():
+            if process.returncode is not None:
+                continue
+            if self._ready_file(index).exists():
                 process.send_signal(signal.SIGHUP)
+            else:
+                # Still starting: it may not handle SIGHUP yet. Signalled once it is ready
+                # (it may have loaded this configuration already: one reload too many).
+                self._owed.add(process.pid)
 
     async def drain(self) -> int:
         """/readyz 503 at once, drain_delay_s while workers still serve, then SIGTERM to every
@@ -128,11 +163,13 @@ class Supervisor:
         log.info("draining", extra={"fields": {"drain_delay_s": config.drain_delay_s,
                                                "workers": len(self.workers)}})
         await asyncio.sleep(config.drain_delay_s)
-        for process in self.workers.values():
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
+        # A worker already dead (a replacement not yet started) was logged when it died: the
+        # exit status tells whether the drain cut anything off.
+        alive = [process for process in self.workers.values() if process.returncode is None]
+        for process in alive:
+            process.send_signal(signal.SIGTERM)
         codes = []
-        for process in self.workers.values():
+        for process in alive:
             try:
                 async with asyncio.timeout(config.shutdown_timeout_s + 10):
                     codes.append(await process.wait())
@@ -152,9 +189,12 @@ async def supervise(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks: set[asyncio.Task[object]] = {loop.create_task(supervisor.reloader.poll_forever())}
+    tasks: set[asyncio.Task[object]] = {loop.create_task(supervisor.reloader.poll_forever()),
+                                        loop.create_task(warn_daily(supervisor.current))}
     loop.add_signal_handler(
         signal.SIGHUP, lambda: tasks.add(loop.create_task(supervisor.reloader.reload("sighup"))))
+    if hangup.take():  # one came while starting
+        tasks.add(loop.create_task(supervisor.reloader.reload("sighup")))
     admin = web.AppRunner(build_admin_app(supervisor.not_ready, supervisor.metrics,
                                           lambda: status_document(supervisor.current.snapshot,
                                                                   supervisor.reloader,
@@ -180,6 +220,7 @@ async def supervise(config: Config) -> int:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     loop.remove_signal_handler(signal.SIGHUP)
+    hangup.ignore()
     await admin.cleanup()
     supervisor.current.close()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -11,6 +11,7 @@ import signal
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,17 @@ def children(pid: int) -> list[int]:
         if int(parts[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+async def killed(process: asyncio.subprocess.Process) -> None:
+    """A gateway the test did not stop, and its workers, killed."""
+    if process.returncode is None:
+        # The workers first: they hold the stderr pipe that wait() reads to its end.
+        for pid in children(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.kill()
+        await process.wait()
 
 
 def total(metrics: str, name: str, **labels: str) -> float:
@@ -137,12 +149,115 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
     finally:
-        if process.returncode is None:
-            # The workers first: they hold the stderr pipe that wait() reads to its end.
-            for pid in children(process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.kill()
-            await process.wait()
+        await killed(process)
     assert all(not Path(f"/proc/{pid}").exists() for pid in replaced)
+    assert list(runtime_dir.iterdir()) == []
+
+
+class Events:
+    """The gateway's JSON log lines (supervisor and workers share its stderr), read in order."""
+
+    def __init__(self, stderr: asyncio.StreamReader) -> None:
+        self.stderr = stderr
+        self.seen: list[dict[str, Any]] = []
+
+    async def until(self, event: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.stderr.readline()
+                assert line, "the gateway exited"
+                entry: dict[str, Any] = json.loads(line)
+                self.seen.append(entry)
+                if entry["event"] == event and all(entry.get(k) == v for k, v in fields.items()):
+                    return entry
+
+    async def for_a_while(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await self.until("(none)", timeout=seconds)
+
+
+async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_while_starting(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """A worker (re)started after an edit that failed validation serves the configuration in
+    service (the supervisor's copy of it and of every file it names), and a reload while a
+    worker starts neither kills it nor passes it by."""
+    google = JoseGoogle(jose_keys, node_jose)
+    key = tmp_path / "partner-sig.jwk"  # our own copy: this test breaks it
+    key.write_bytes(jose_keys.private("partner-sig-a").read_bytes())
+    soon = datetime.now(UTC) + timedelta(days=10)  # within warn_expiry_days
+    good = textwrap.dedent(config(google, runtime_dir, pki, inbound_url=partner.url,
+                                  top={"workers": 2}, expiring_recipient=soon)).replace(
+        str(jose_keys.private("partner-sig-a")), str(key))
+    path = tmp_path / "config.yaml"
+    path.write_text(good)
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "info",
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stderr is not None
+    events = Events(process.stderr)
+    try:
+        listening = await events.until("listening", workers=2)
+        port = int(listening["routes"]["in"].rsplit(":", 1)[1])
+        admin = f"http://127.0.0.1:{int(listening['admin'].rsplit(':', 1)[1])}"
+        warned = [e for e in events.seen if e["event"] == "key expires soon"]
+        assert [(e["key_id"], e["days_left"]) for e in warned] == [("google-enc-a", 10.0)]
+
+        async def served() -> list[int]:
+            async def one() -> int:
+                async with aiohttp.ClientSession() as fresh, fresh.post(
+                        f"https://localhost:{port}/cards-qr-v1/echo", data=sealed,
+                        ssl=pki.client_context()) as response:
+                    return response.status
+            return await asyncio.gather(*(one() for _ in range(8)))
+
+        async def ready() -> str:
+            async with aiohttp.ClientSession() as session, \
+                    session.get(admin + "/readyz") as response:
+                return await response.text()
+
+        async def replace_worker(index: int) -> int:
+            """Kill worker `index`; return its replacement's pid as soon as it exists."""
+            old = set(children(process.pid))
+            os.kill(workers[index], signal.SIGKILL)
+            await events.until("worker exited; starting a new one", worker=index)
+            while not (new := set(children(process.pid)) - old):
+                await asyncio.sleep(0.005)
+            workers[index] = new.pop()
+            return workers[index]
+
+        workers = sorted(children(process.pid))
+        # A broken key file, then a config that is not YAML: both rejected, and a worker
+        # replaced after each starts from the copy in service.
+        for index, broken in ((0, lambda: key.write_text("not a key")),
+                              (1, lambda: path.write_text(good + "\n  ]: ][\n"))):
+            broken()
+            process.send_signal(signal.SIGHUP)
+            await events.until("reload failed; the previous configuration stays in service")
+            await replace_worker(index)
+            await events.until("listening", worker=index)
+            assert await served() == [200] * 8
+            assert await ready() == "ready\n"
+        # The operator fixes both; a reload lands while a replaced worker is still starting.
+        key.write_bytes(jose_keys.private("partner-sig-a").read_bytes())
+        path.write_text(good.replace("workers: 2", "workers: 2\nwarn_expiry_days: 29"))
+        starting = await replace_worker(0)
+        process.send_signal(signal.SIGHUP)
+        await events.until("reloaded", generation=2)  # the supervisor's
+        await events.until("listening", worker=0)
+        await events.for_a_while(3)
+        exits = [e for e in events.seen if e["event"] == "worker exited; starting a new one"]
+        assert [e["pid"] for e in exits if e["pid"] == starting] == []
+        reloads = [e for e in events.seen if e["event"] == "reloaded"]
+        assert len(reloads) == 3  # the supervisor and both workers, the starting one too
+        # Logged by the supervisor at start and at the reload, not by every worker.
+        assert len([e for e in events.seen if e["event"] == "key expires soon"]) == 2
+        assert await served() == [200] * 8
+        assert await ready() == "ready\n"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        await killed(process)
     assert list(runtime_dir.iterdir()) == []
