@@ -23,7 +23,7 @@ from aiohttp.http import HttpProcessingError
 
 from gateway import hangup
 from gateway.admin import build_admin_app, describe_keys, status_document, warn_daily, warn_expiring
-from gateway.config import Config, Limits, load_config, usable_cores
+from gateway.config import Config, Limits, ServerTls, load_config, usable_cores
 from gateway.logs import count_drops
 from gateway.metrics import Metrics
 from gateway.proxy import Inflight, Proxy
@@ -138,7 +138,9 @@ class Gateway:
             if route.server_ssl is not None:
                 # The listener keeps its first context; each handshake switches to the
                 # certificate of the configuration in service (hot certificate rotation).
-                route.server_ssl.sni_callback = self._certificate_picker(name)
+                assert route.config.tls is not None
+                route.server_ssl.sni_callback = self._certificate_picker(
+                    name, route.config.tls, route.server_ssl)
             port = route.config.listen.port if self.worker is None else self.worker.ports[name]
             # Workers bind the same ports (the supervisor resolved port 0) and the kernel
             # spreads connections among them.
@@ -219,14 +221,28 @@ class Gateway:
         future.add_done_callback(self._closing.discard)
 
     def _certificate_picker(
-        self, name: str
+        self, name: str, first: ServerTls, context: ssl.SSLContext,
     ) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+        """Each handshake takes the newest context of the route that the listener can take.
+        A handshake keeps what its first context decided beyond certificates and trust
+        (client certificates required or not, the minimum version): after a reload that
+        changes those (a restart is needed, reload.listener_changes warns) the listener stays
+        on its last context that matches, certificate included. Switching anyway made a
+        listener whose client_ca was removed refuse every client: certificates still
+        required, with no CA left to check them."""
+        choices = (first.client_ca is not None, first.min_version)
+        latest = context
+
         def pick(connection: ssl.SSLObject, server_name: str | None,
                  context: ssl.SSLContext) -> None:
+            nonlocal latest
             route = self.current.snapshot.routes.get(name)
-            if route is not None and route.server_ssl is not None \
-                    and route.server_ssl is not context:
-                connection.context = route.server_ssl
+            tls = route.config.tls if route is not None else None
+            if route is not None and route.server_ssl is not None and tls is not None \
+                    and (tls.client_ca is not None, tls.min_version) == choices:
+                latest = route.server_ssl
+            if latest is not context:
+                connection.context = latest
 
         return pick
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -471,6 +472,51 @@ async def test_certificate_rotation_keeps_open_connections(
             # New handshakes get the new certificate, with SNI and without.
             assert await served_serial(gateway, pki, "localhost") == new_serial
             assert await served_serial(gateway, pki, None) == new_serial
+
+
+async def test_a_listener_keeps_its_client_certificate_choice_until_a_restart(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """Removing client_ca (or adding it) needs a restart: until then the listener keeps
+    deciding as it started, on its last context that matches, and never refuses everyone."""
+    google = JoseGoogle(jose_keys, node_jose)
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    new_cert, new_key, new_serial = issue(pki, tmp_path, "new")
+    required = routes_yaml(pki, partner.url).replace(
+        f"key: {pki.key}}}", f"key: {pki.key}, client_ca: {pki.client_ca}}}")
+    assert required != routes_yaml(pki, partner.url)
+    text = header(runtime_dir) + google.keysets() + required
+
+    async def status(gateway: Gateway, ctx: ssl.SSLContext) -> int | str:
+        try:
+            return (await post(gateway, "in", sealed, ctx=ctx))[0]
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            return "refused"
+
+    async with running_gateway(tmp_path, text) as gateway:
+        with_cert, without = pki.client_context(with_cert=True), pki.client_context()
+        assert (await status(gateway, with_cert), await status(gateway, without)) == \
+            (200, "refused")
+        old_serial = await served_serial(gateway, pki, "localhost")
+        # client_ca removed, a new certificate: neither applies until a restart.
+        write(tmp_path / "config.yaml", header(runtime_dir), google.keysets(),
+              routes_yaml(pki, partner.url, new_cert, new_key))
+        assert await gateway.reload()
+        assert gateway.reloader.last is not None
+        assert gateway.reloader.last.warnings == (
+            "routes[0].tls.client_ca: client certificates required or not",)
+        assert (await status(gateway, with_cert), await status(gateway, without)) == \
+            (200, "refused")
+        assert await served_serial(gateway, pki, "localhost") == old_serial
+        # Back as it started: the newest certificate applies again.
+        write(tmp_path / "config.yaml", header(runtime_dir), google.keysets(),
+              required.replace(str(pki.cert), str(new_cert)).replace(str(pki.key),
+                                                                     str(new_key)))
+        assert await gateway.reload()
+        assert await served_serial(gateway, pki, "localhost") == new_serial
+        assert (await status(gateway, with_cert), await status(gateway, without)) == \
+            (200, "refused")
 
 
 async def served_serial(gateway: Gateway | int, pki: Pki, server_name: str | None) -> int:
