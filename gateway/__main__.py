@@ -8,7 +8,6 @@ import asyncio
 import ctypes
 import logging
 import resource
-import shutil
 import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,12 @@ from gateway.keytool import (
     seal_body,
 )
 from gateway.logs import setup_logging
-from gateway.snapshot import build_snapshot, prepare_runtime_dir, stop_agents
+from gateway.snapshot import (
+    build_snapshot,
+    prepare_runtime_dir,
+    remove_runtime_dir,
+    stop_agents,
+)
 
 TWO_YEARS = timedelta(days=731)
 
@@ -204,7 +208,7 @@ def _check(path: Path) -> int:
             snapshot.close()
         finally:
             stop_agents(workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_runtime_dir(workdir)
     except (ConfigError, EngineError) as exc:  # our texts: a place, never key material
         print(f"error: {exc}", file=sys.stderr)
         return 1

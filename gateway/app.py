@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import ssl
 import threading
@@ -28,7 +27,13 @@ from gateway.logs import count_drops
 from gateway.metrics import Metrics
 from gateway.proxy import Inflight, Proxy
 from gateway.reload import Reloader
-from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
+from gateway.snapshot import (
+    Current,
+    Snapshot,
+    build_snapshot,
+    prepare_runtime_dir,
+    remove_runtime_dir,
+)
 from gateway.supervisor import WorkerRole, supervise
 from gateway.upstream import upstream_session
 
@@ -205,7 +210,7 @@ class Gateway:
         await asyncio.gather(*self._closing)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.gpg_executor.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_runtime_dir(self.workdir)
 
     async def _measure_loop_lag(self, period: float = 0.25) -> None:
         loop = asyncio.get_running_loop()
@@ -507,7 +512,7 @@ async def build_gateway(config: Config, metrics: Metrics | None = None,
     try:
         snapshot = await asyncio.to_thread(build_snapshot, config, 1, workdir, gpg_slots(slots))
     except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_runtime_dir(workdir)
         raise
     role = "single" if worker is None else "worker"
     return Gateway(snapshot, workdir, metrics or Metrics(role=role), slots, worker)

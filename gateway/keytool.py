@@ -41,6 +41,7 @@ from gateway.snapshot import (
     Snapshot,
     build_snapshot,
     prepare_runtime_dir,
+    remove_runtime_dir,
     stop_agents,
 )
 
@@ -690,7 +691,7 @@ def _loaded(config_path: Path) -> Iterator[Snapshot]:
             snapshot.close()
     finally:
         stop_agents(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_runtime_dir(workdir)
 
 
 def _iso(moment: datetime) -> str:

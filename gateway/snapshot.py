@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -170,8 +171,9 @@ class Current:
 
 
 def prepare_runtime_dir(root: Path) -> Path:
-    """Make `root` (0700, ours) and a fresh private directory for this process below it; remove
-    directories left there by processes that no longer run, stopping their gpg-agents."""
+    """Make `root` (0700, ours) and a fresh private directory for this process below it, locked
+    for as long as it lives (remove it with remove_runtime_dir); remove directories left there
+    by processes that no longer run, stopping their gpg-agents."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = root.stat()
@@ -182,13 +184,47 @@ def prepare_runtime_dir(root: Path) -> Path:
     if info.st_mode & 0o077:
         raise ConfigError("runtime_dir", f"'{root}' is readable by others; it must be 0700")
     for entry in root.glob("p*-*"):
-        pid_text = entry.name[1:].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if entry.is_dir() and _stale(entry):
             stop_agents(entry)
             shutil.rmtree(entry, ignore_errors=True)
     mine = root / f"p{os.getpid()}-{secrets.token_hex(3)}"
     mine.mkdir(mode=0o700)
+    # Held until remove_runtime_dir or the process's end (not inherited by gpg and its agents).
+    lock = os.open(mine / _LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _locks[mine] = lock
     return mine
+
+
+def remove_runtime_dir(mine: Path) -> None:
+    """Remove this process's directory (prepare_runtime_dir) and release its lock."""
+    shutil.rmtree(mine, ignore_errors=True)
+    lock = _locks.pop(mine, None)
+    if lock is not None:
+        os.close(lock)
+
+
+_LOCK = "lock"
+_locks: dict[Path, int] = {}
+
+
+def _stale(entry: Path) -> bool:
+    """Whether a process's directory outlived it: its lock can be taken. A directory without a
+    lock (being made right now, or by an older version) counts as its process's while a process
+    with that pid runs, this one aside: after a container restart the new process often gets
+    the pid its predecessor had."""
+    try:
+        lock = os.open(entry / _LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        pid_text = entry.name[1:].split("-", 1)[0]
+        return pid_text.isdigit() and (int(pid_text) == os.getpid() or not _alive(int(pid_text)))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(lock)
+    return True
 
 
 def stop_agents(root: Path) -> None:

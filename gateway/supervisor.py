@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -29,7 +28,13 @@ from gateway.logs import pinned_level
 from gateway.metrics import Metrics
 from gateway.mirror import Mirror, load_mirrored
 from gateway.reload import Reloader
-from gateway.snapshot import Current, Snapshot, build_snapshot, prepare_runtime_dir
+from gateway.snapshot import (
+    Current,
+    Snapshot,
+    build_snapshot,
+    prepare_runtime_dir,
+    remove_runtime_dir,
+)
 
 log = logging.getLogger("gateway.supervisor")
 RESTART_DELAY_S = 1.0
@@ -223,5 +228,5 @@ async def supervise(config: Config) -> int:
     hangup.ignore()
     await admin.cleanup()
     supervisor.current.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_runtime_dir(workdir)
     return code

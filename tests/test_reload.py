@@ -549,7 +549,7 @@ async def test_fifty_reloads_leave_only_the_current_gnupg_homes_and_agents(
         await asyncio.sleep(0.2)  # let retired homes close
         [workdir] = list(runtime_dir.iterdir())
         homes = [f"g51r0s{slot}" for slot in range(gateway.gpg_slots)]
-        assert sorted(p.name for p in workdir.iterdir()) == homes
+        assert sorted(p.name for p in workdir.iterdir()) == [*homes, "lock"]
         agents = [c for c in gpg_processes_under(runtime_dir, wait_s=2) if "gpg-agent" in c]
         assert len(agents) == gateway.gpg_slots
         assert all(any(f"/{home}" in agent for home in homes) for agent in agents)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.snapshot import Current, Snapshot, prepare_runtime_dir
+from gateway.snapshot import Current, Snapshot, prepare_runtime_dir, remove_runtime_dir
 
 
 def snapshot(generation: int) -> Snapshot:
@@ -50,6 +51,50 @@ def test_runtime_dir_is_private_and_stale_homes_are_removed(tmp_path: Path) -> N
     assert oct(mine.stat().st_mode & 0o777) == "0o700"
     assert not stale.exists()
     assert live.exists()
+    remove_runtime_dir(mine)
+    assert not mine.exists()
+
+
+def test_runtime_dirs_are_told_apart_by_their_locks_not_only_by_pids(tmp_path: Path) -> None:
+    root = tmp_path / "rt"
+    root.mkdir(mode=0o700)
+    # After a container restart the new process has its predecessor's pid: that directory
+    # is not ours. Nor is one whose lock nobody holds, whatever runs with its pid now.
+    same_pid = root / f"p{os.getpid()}-abcdef"
+    unlocked = root / f"p{os.getppid()}-abcdef"
+    for entry in (same_pid, unlocked):
+        entry.mkdir()
+    (unlocked / "lock").touch()
+    # A live process's directory, its lock held, though the pid in its name is long gone.
+    held = root / "p999999999-abcdef"
+    held.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         f"fd = os.open({str(held / 'lock')!r}, os.O_WRONLY | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        mine = prepare_runtime_dir(root)
+        assert sorted(p.name for p in root.iterdir()) == sorted([held.name, mine.name])
+        # Ours is locked while we live: another process's start leaves it alone.
+        other = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from gateway.snapshot import prepare_runtime_dir, remove_runtime_dir; "
+             f"remove_runtime_dir(prepare_runtime_dir(Path({str(root)!r})))"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert other.returncode == 0, other.stderr
+        assert mine.exists() and held.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    remove_runtime_dir(mine)
+    assert sorted(p.name for p in root.iterdir()) == [held.name]
+    again = prepare_runtime_dir(root)  # the holder is gone: its directory goes
+    assert sorted(p.name for p in root.iterdir()) == [again.name]
+    remove_runtime_dir(again)
 
 
 def test_runtime_dir_readable_by_others_is_refused(tmp_path: Path) -> None:
@@ -135,4 +180,4 @@ routes:
     with pytest.raises(ConfigError) as info:
         build_snapshot(load_config(path), 1, workdir)
     assert info.value.place == "runtime_dir" and "S.gpg-agent.browser" in info.value.message
-    assert list(workdir.iterdir()) == []
+    assert [p.name for p in workdir.iterdir()] == ["lock"]  # prepare_runtime_dir's own
