@@ -21,7 +21,13 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
 from gateway import hangup
-from gateway.admin import build_admin_app, describe_keys, status_document, warn_daily, warn_expiring
+from gateway.admin import (
+    build_admin_app,
+    describe_keys,
+    status_document,
+    warn_about_keys,
+    warn_daily,
+)
 from gateway.config import Config, Limits, ServerTls, load_config, usable_cores
 from gateway.logs import count_drops
 from gateway.metrics import Metrics
@@ -120,6 +126,13 @@ class Gateway:
             await admin_site.start()
             self.admin = _bound(admin_site)
         for name, route in self.current.snapshot.routes.items():
+            if self.worker is not None and name not in self.worker.ports:
+                # Added by a reload since the supervisor started (a replacement worker loads
+                # the newest configuration): the supervisor has no port for it, and the other
+                # workers do not serve it either. Not served until a restart, as warned then.
+                log.warning("route not served until a restart", extra={"fields": {
+                    "route": name, "worker": self.worker.index}})
+                continue
             proxy = Proxy(name, route.config.direction, self.current, self._session,
                           self.executor, self.gpg_executor, self.metrics, self.inflight,
                           draining=lambda: self.draining)
@@ -258,7 +271,7 @@ class Gateway:
 
     def _describe(self, snapshot: Snapshot) -> None:
         if self.worker is None:  # a worker's supervisor describes the configuration
-            warn_expiring(snapshot)
+            warn_about_keys(snapshot)
             describe_keys(self.metrics, snapshot)
 
 class ConnectionGuard:

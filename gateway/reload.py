@@ -102,8 +102,7 @@ class Reloader:
             except Exception as exc:  # any failure keeps the old configuration in service
                 # Our errors name the place and never hold key material; others give the type.
                 error = str(exc) if isinstance(exc, ConfigError) else type(exc).__name__
-                self.metrics.config_reloads.labels("failure").inc()
-                self.metrics.worker_reloads.labels("failure").inc()
+                self._count(trigger, "failure")
                 self.last = ReloadStatus(datetime.now(UTC), "failure", trigger, error)
                 log.error("reload failed; the previous configuration stays in service",
                           extra={"fields": {"trigger": trigger, "error": error,
@@ -117,13 +116,19 @@ class Reloader:
             self._expiry = self._next_expiry()
             apply_level(config.log_level)
             self.on_swap(snapshot)
-            self.metrics.config_reloads.labels("success").inc()
-            self.metrics.worker_reloads.labels("success").inc()
+            self._count(trigger, "success")
             self.last = ReloadStatus(datetime.now(UTC), "success", trigger,
                                      warnings=tuple(warnings))
             log.info("reloaded", extra={"fields": {"trigger": trigger,
                                                     "generation": self._generation}})
             return True
+
+    def _count(self, trigger: str, result: str) -> None:
+        # config.md: gateway_config_reloads_total counts the operator's attempts (SIGHUP, a
+        # change seen by polling). A reload because a key expired is logged and in /status.
+        if trigger != "expiry":
+            self.metrics.config_reloads.labels(result).inc()
+            self.metrics.worker_reloads.labels(result).inc()
 
     def _next_expiry(self) -> datetime | None:
         """The soonest expiry still to come among the enabled keys in service."""
@@ -161,7 +166,11 @@ def listener_changes(old: Config, new: Config) -> list[str]:
         elif a.tls and b.tls and a.tls.min_version != b.tls.min_version:
             changes.append(f"{b.place}.tls.min_version {a.tls.min_version} -> "
                            f"{b.tls.min_version}")
-    for field in ("idle_timeout_s", "max_header_bytes"):
+    for field in ("idle_timeout_s", "max_header_bytes", "max_headers"):
         if getattr(old.limits, field) != getattr(new.limits, field):
             changes.append(f"limits.{field} applies to listeners: restart to change it")
+    if old.limits.header_timeout_s != new.limits.header_timeout_s and \
+            any(r.tls for r in new.routes):
+        changes.append("limits.header_timeout_s applies to request heads now and to TLS "
+                       "handshakes after a restart")
     return changes

@@ -393,6 +393,9 @@ async def test_keys_are_loaded_again_when_a_part_expires(
         assert key().expires - datetime.now(UTC) > timedelta(days=300)
         seal()
         assert await gateway.reloader.poll() is None
+        # Not the operator's attempt: not in gateway_config_reloads_total (config.md).
+        metrics = gateway.metrics.render().decode()
+        assert 'gateway_config_reloads_total{result="success"} 0.0' in metrics
 
 
 async def test_a_worker_counts_the_reloads_it_could_not_apply(
@@ -673,5 +676,16 @@ def test_listener_changes_are_named(jose_keys: JoseKeys, node_jose: NodeJose, pk
         "route 'out2' added: not served until a restart",
         "route 'out' removed: its listener answers 503 until a restart",
         "routes[0].listen 127.0.0.1:0 -> 127.0.0.1:8443",
+    ]
+    # The limits aiohttp and the loop take when a listener starts.
+    limits = "limits: {max_headers: 10, header_timeout_s: 2, idle_timeout_s: 9}"
+    (tmp_path / "c.yaml").write_text(textwrap.dedent(old_text.replace(
+        "reload: {interval_s: 0}", "reload: {interval_s: 0}\n        " + limits)))
+    assert listener_changes(load_config(tmp_path / "a.yaml"),
+                            load_config(tmp_path / "c.yaml")) == [
+        "limits.idle_timeout_s applies to listeners: restart to change it",
+        "limits.max_headers applies to listeners: restart to change it",
+        "limits.header_timeout_s applies to request heads now and to TLS handshakes after a "
+        "restart",
     ]
 

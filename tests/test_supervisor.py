@@ -240,9 +240,13 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
             await events.until("listening", worker=index)
             assert await served() == [200] * 8
             assert await ready() == "ready\n"
-        # The operator fixes both; a reload lands while a replaced worker is still starting.
+        # The operator fixes both and adds a route (not served until a restart); a reload
+        # lands while a replaced worker is still starting.
         key.write_bytes(jose_keys.private("partner-sig-a").read_bytes())
-        path.write_text(good.replace("workers: 2", "workers: 2\nwarn_expiry_days: 29"))
+        added = ('\n  - {name: in2, direction: inbound, listen: "127.0.0.1:0", own_keys: partner,'
+                 f' peer_keys: google, upstream: {{url: "{partner.url}"}}}}\n')
+        path.write_text(good.replace("workers: 2", "workers: 2\nwarn_expiry_days: 29")
+                        + added)
         starting = await replace_worker(0)
         process.send_signal(signal.SIGHUP)
         await events.until("reloaded", generation=2)  # the supervisor's
@@ -254,6 +258,12 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
         assert len(reloads) == 3  # the supervisor and both workers, the starting one too
         # Logged by the supervisor at start and at the reload, not by every worker.
         assert len([e for e in events.seen if e["event"] == "key expires soon"]) == 2
+        assert await served() == [200] * 8
+        assert await ready() == "ready\n"
+        # A worker that starts on the configuration with the added route serves the others.
+        await replace_worker(1)
+        await events.until("route not served until a restart", route="in2", worker=1)
+        await events.until("listening", worker=1)
         assert await served() == [200] * 8
         assert await ready() == "ready\n"
         process.send_signal(signal.SIGTERM)
