@@ -17,7 +17,7 @@ from typing import Any
 from gateway import hangup
 from gateway.config import LOG_LEVELS, load_config, shown_url
 from gateway.errors import ConfigError, EngineError
-from gateway.keys import expiring
+from gateway.keys import expiring, valid_too_long
 from gateway.keytool import (
     UsageError,
     echo,
@@ -35,8 +35,6 @@ from gateway.snapshot import (
     remove_runtime_dir,
     stop_agents,
 )
-
-TWO_YEARS = timedelta(days=731)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +234,7 @@ def _check(path: Path) -> int:
                 days = (key.expires - now).days
                 note = f"  WARNING: expires in {days} days"
                 warnings += 1
-            elif keyset.type == "pgp" and key.private and (
-                key.expires is None or key.expires > now + TWO_YEARS
-            ):
+            elif valid_too_long(keyset, key, now):
                 note = "  WARNING: valid for more than two years (Google: one year, two at most)"
                 warnings += 1
             kind = "private" if key.private else "public"

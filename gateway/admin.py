@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.keys import expiring
+from gateway.keys import expiring, key_warnings, valid_too_long
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot
@@ -49,8 +49,11 @@ def build_admin_app(ready: Callable[[], str | None], metrics: Metrics,
 
 
 def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool) -> dict[str, Any]:
-    """What /status shows: generation, last reload, every key's public facts (no material)."""
+    """What /status shows: generation, last reload, every key's public facts (no material) and
+    what an operator must hear about it (expiring within warn_expiry_days, valid too long)."""
     last = reloader.last
+    now = datetime.now(UTC)
+    within = timedelta(days=snapshot.config.warn_expiry_days)
     return {
         "generation": snapshot.generation,
         "loaded_at": snapshot.loaded_at.isoformat(),
@@ -63,7 +66,8 @@ def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool) -> d
                 {"id": k.id, "state": k.state.value, "fingerprint": k.fingerprint,
                  "type": keyset.type, "algorithm": k.algorithm,
                  "capabilities": list(k.capabilities), "private": k.private,
-                 "expires": k.expires.isoformat() if k.expires else None}
+                 "expires": k.expires.isoformat() if k.expires else None,
+                 "warnings": key_warnings(keyset, k, within, now)}
                 for k in keyset.keys
             ]
             for name, keyset in snapshot.keysets.items()
@@ -71,8 +75,9 @@ def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool) -> d
     }
 
 
-def warn_expiring(snapshot: Snapshot) -> None:
-    """Log each enabled key expiring within warn_expiry_days (start-up, reload, daily)."""
+def warn_about_keys(snapshot: Snapshot) -> None:
+    """Log each enabled key expiring within warn_expiry_days, and each of our PGP keys valid
+    for more than two years (start-up, reload, daily; `check` prints the same)."""
     now = datetime.now(UTC)
     within = timedelta(days=snapshot.config.warn_expiry_days)
     for keyset, key in expiring(snapshot.keysets.values(), within, now):
@@ -81,13 +86,20 @@ def warn_expiring(snapshot: Snapshot) -> None:
             "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
             "expires": key.expires.isoformat(),
             "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
+    for keyset in snapshot.keysets.values():
+        for key in keyset.keys:
+            if valid_too_long(keyset, key, now):
+                log.warning("key valid for more than two years", extra={"fields": {
+                    "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
+                    "expires": key.expires.isoformat() if key.expires else None,
+                    "rule": "Google: one year, two at most"}})
 
 
 async def warn_daily(current: Current) -> None:
-    """warn_expiring once a day, for the configuration in service then."""
+    """warn_about_keys once a day, for the configuration in service then."""
     while True:
         await asyncio.sleep(86400)
-        warn_expiring(current.snapshot)
+        warn_about_keys(current.snapshot)
 
 
 def describe_keys(metrics: Metrics, snapshot: Snapshot) -> None:

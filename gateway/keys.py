@@ -105,6 +105,32 @@ def expiring(keysets: Iterable[Keyset], within: timedelta,
             if key.enabled and key.expires is not None and key.expires <= limit]
 
 
+# Google: PGP keys valid one year, two at most (a leap day included).
+MAX_PGP_VALIDITY = timedelta(days=731)
+
+
+def valid_too_long(keyset: Keyset, key: Key, now: datetime | None = None) -> bool:
+    """One of our PGP keys that expires more than two years from `now`, or never."""
+    return keyset.type == "pgp" and key.private and (
+        key.expires is None or key.expires > (now or utcnow()) + MAX_PGP_VALIDITY)
+
+
+def key_warnings(keyset: Keyset, key: Key, warn_within: timedelta,
+                 now: datetime | None = None) -> list[str]:
+    """What an operator must hear about `key` (keys list, /status): expired, an enabled key
+    expiring within `warn_within` (warn_expiry_days), one of ours valid too long."""
+    now = now or utcnow()
+    warnings = []
+    if key.expires is not None and key.expires <= now:
+        warnings.append(f"expired on {key.expires.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    elif key.expires is not None and key.enabled and key.expires - now <= warn_within:
+        days = round((key.expires - now).total_seconds() / 86400)
+        warnings.append(f"expires in {days} days (warn_expiry_days {warn_within.days})")
+    if valid_too_long(keyset, key, now):
+        warnings.append("valid for more than two years (Google: one year, two at most)")
+    return warnings
+
+
 def check_route_keysets(
     own: Keyset, peer: Keyset, own_config: KeysetConfig, peer_config: KeysetConfig
 ) -> None:
@@ -142,13 +168,16 @@ def check_route_keysets(
             f"{peer_config.place}.keys",
             f"keyset '{peer.name}' has no enabled, unexpired key that can verify signatures",
         )
-    if own.type == "jose":
-        for keyset, cfg in ((own, own_config), (peer, peer_config)):
-            for use, attribute in (("sig", "can_sign"), ("enc", "can_encrypt")):
-                active = [k.id for k in keyset.keys if k.active and getattr(k, attribute)]
-                if len(active) > 1:
-                    raise ConfigError(
-                        f"{cfg.place}.keys",
-                        f"jose keyset '{keyset.name}' has {len(active)} active '{use}' keys "
-                        f"({', '.join(active)}); at most one per use may be active",
-                    )
+
+
+def check_jose_keyset(keyset: Keyset, config: KeysetConfig) -> None:
+    """config.md: a jose keyset has at most one active key per use, whether a route uses it
+    or not (yet). Raises ConfigError."""
+    for use, attribute in (("sig", "can_sign"), ("enc", "can_encrypt")):
+        active = [k.id for k in keyset.keys if k.active and getattr(k, attribute)]
+        if len(active) > 1:
+            raise ConfigError(
+                f"{config.place}.keys",
+                f"jose keyset '{keyset.name}' has {len(active)} active '{use}' keys "
+                f"({', '.join(active)}); at most one per use may be active",
+            )

@@ -27,10 +27,9 @@ from gateway.config import Config, KeyConfig, KeysetConfig, KeyState, RouteConfi
 from gateway.envelope import Opened, Sealed
 from gateway.errors import ConfigError, EngineError, EnvelopeError, GatewayError
 from gateway.jose import generate_jwk, jwe_header, load_jose_keyset
-from gateway.keys import Key, Keyset
+from gateway.keys import Key, Keyset, key_warnings
 from gateway.pgp import (
     KEY_PREFERENCES,
-    MAX_VALID_DAYS,
     generate_pgp_key,
     load_pgp_keyset,
     message_recipients,
@@ -60,7 +59,6 @@ __all__ = [
 KEY_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")  # config.md's key ids (and our file names)
 _ACCOUNT = re.compile(r"^[A-Za-z0-9._:~-]{1,100}$")
 _DAYS_PER_UNIT = {"d": 1, "w": 7, "m": 30, "y": 365}  # gpg's own reading of Nd, Nw, Nm, Ny
-_TWO_YEARS = timedelta(days=MAX_VALID_DAYS)
 # Payment data in plaintext shown to people (protocol.md section 6).
 _CARD_NUMBER = re.compile(r"^\d{13,19}$")
 _NOT_PAYMENT_DATA = {"epochMillis"}  # 13-digit timestamps, not card numbers
@@ -284,17 +282,9 @@ def key_facts(snapshot: Snapshot, now: datetime) -> list[KeyFacts]:
         for key in keyset.keys:
             ops = _ops(keyset, key, roles)
             days_left = None
-            warnings: list[str] = []
             if key.expires is not None:
                 days_left = round((key.expires - now).total_seconds() / 86400, 1)
-                if key.expires <= now:
-                    warnings.append(f"expired on {_iso(key.expires)}")
-                elif key.enabled and key.expires - now <= soon:
-                    warnings.append(f"expires in {days_left:.0f} days (warn_expiry_days "
-                                    f"{config.warn_expiry_days})")
-            if keyset.type == "pgp" and key.private and (
-                    key.expires is None or key.expires > now + _TWO_YEARS):
-                warnings.append("valid for more than two years (Google: one year, two at most)")
+            warnings = key_warnings(keyset, key, soon, now)
             if not routes:
                 warnings.append("its keyset is used by no route")
             expired = key.expires is not None and key.expires <= now

@@ -46,7 +46,7 @@ from gateway.errors import (
     TooLargeError,
     UnknownKeyError,
 )
-from gateway.keys import Key, Keyset, key_expiry, utcnow
+from gateway.keys import MAX_PGP_VALIDITY, Key, Keyset, key_expiry, utcnow
 
 __all__ = [
     "GeneratedPgpKey",
@@ -723,7 +723,7 @@ def _check_secret(
 # Making keys.
 
 MAX_RSA_BITS = 4096  # gpg's own limit without --enable-large-rsa
-MAX_VALID_DAYS = 731  # two years, a leap day included (Google: one year, two at most)
+MAX_VALID_DAYS = MAX_PGP_VALIDITY.days  # keys.py: Google's one year, two at most
 # Google's profile first: SHA384 and AES256 are what peers pick when they follow our preferences.
 KEY_PREFERENCES = "SHA384 SHA256 SHA512 AES256 AES192 AES128 ZLIB ZIP Uncompressed"
 _EMAIL = re.compile(r"^[^\s<>@()]+@[^\s<>@()]+\.[^\s<>@()]+$")

@@ -19,7 +19,7 @@ from gateway.config import Config, RouteConfig
 from gateway.envelope import Envelope, EnvelopePool
 from gateway.errors import ConfigError
 from gateway.jose import JoseEnvelope, load_jose_keyset
-from gateway.keys import Keyset, check_route_keysets
+from gateway.keys import Keyset, check_jose_keyset, check_route_keysets
 from gateway.openpgp import NativePgpEnvelope, load_native_keyset
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
 from gateway.tls import build_client_context, build_server_context
@@ -63,6 +63,7 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
         for name, keyset_config in config.keysets.items():
             if keyset_config.type == "jose":
                 keysets[name] = load_jose_keyset(keyset_config)
+                check_jose_keyset(keysets[name], keyset_config)
                 continue
             if any(r.scheme == "pgp" and r.pgp.engine == "native" and name in
                    (r.own_keys, r.peer_keys) for r in config.routes):

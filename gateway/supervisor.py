@@ -20,8 +20,8 @@ from gateway.admin import (
     build_admin_app,
     describe_keys,
     status_document,
+    warn_about_keys,
     warn_daily,
-    warn_expiring,
 )
 from gateway.config import Config
 from gateway.logs import pinned_level
@@ -87,7 +87,7 @@ class Supervisor:
                                  self.metrics, on_swap=self._swapped, load=self.mirror.load)
         # The workers leave describing the configuration (gauges, expiry warnings) to us.
         describe_keys(self.metrics, snapshot)
-        warn_expiring(snapshot)
+        warn_about_keys(snapshot)
         self.draining = False
         self.ports: dict[str, int] = {}
         self._reserved: list[socket.socket] = []
@@ -149,7 +149,7 @@ class Supervisor:
     def _swapped(self, snapshot: Snapshot) -> None:
         self.mirror.publish(snapshot.config)
         describe_keys(self.metrics, snapshot)
-        warn_expiring(snapshot)
+        warn_about_keys(snapshot)
         for index, process in self.workers.items():
             if process.returncode is not None:
                 continue

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,7 +66,9 @@ async def test_admin_endpoints(google: JoseGoogle, runtime_dir: Path, pki: Pki,
     partner = await StandIn(json_answer(ANSWER)).start()
     sealed = await asyncio.to_thread(google.seal, REQUEST)
     try:
-        text = config(google, runtime_dir, pki, inbound_url=partner.url)
+        soon = datetime.now(UTC) + timedelta(days=10, hours=1)  # within warn_expiry_days
+        text = config(google, runtime_dir, pki, inbound_url=partner.url,
+                      expiring_recipient=soon)
         async with running_gateway(tmp_path, text) as gateway:
             assert (await post(gateway, "in", sealed, ctx=pki.client_context()))[0] == 200
             assert await admin_get(gateway, "/healthz") == (200, "ok\n")
@@ -88,6 +91,9 @@ async def test_admin_endpoints(google: JoseGoogle, runtime_dir: Path, pki: Pki,
     ids = {k["id"]: k for k in state["keysets"]["partner"]}
     assert set(ids) == {"partner-sig-a", "partner-enc-a"}
     assert ids["partner-sig-a"]["capabilities"] == ["sign"]
+    warnings = {k["id"]: k["warnings"] for keys in state["keysets"].values() for k in keys}
+    assert warnings == {"partner-sig-a": [], "partner-enc-a": [], "google-sig-a": [],
+                        "google-enc-a": ["expires in 10 days (warn_expiry_days 30)"]}
     assert '"d"' not in status_text and '"p"' not in status_text
 
 

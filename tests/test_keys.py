@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import KeysetConfig, KeyState
 from gateway.errors import ConfigError
-from gateway.keys import Key, Keyset, check_route_keysets, expiring
+from gateway.keys import Key, Keyset, check_jose_keyset, check_route_keysets, expiring
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 PAST = NOW - timedelta(days=1)
@@ -82,12 +82,12 @@ def test_route_pair_rules() -> None:
 def test_jose_at_most_one_active_key_per_use() -> None:
     own = keyset(key("s1", encrypt=False), key("s2", encrypt=False), key("e", sign=False),
                  scheme="jose")
-    peer = keyset(key("p", private=False), scheme="jose")
-    with pytest.raises(ConfigError, match="2 active 'sig' keys"):
-        check_route_keysets(own, peer, cfg("own"), cfg("peer"))
+    with pytest.raises(ConfigError, match="2 active 'sig' keys") as info:
+        check_jose_keyset(own, cfg("own"))
+    assert info.value.place == "keysets.own.keys"
     rotated = keyset(key("s1", encrypt=False), key("s2", "read-only", encrypt=False),
                      key("e", sign=False), scheme="jose")
-    check_route_keysets(rotated, peer, cfg("own"), cfg("peer"))
+    check_jose_keyset(rotated, cfg("own"))
 
 
 def test_expiry_warnings_fire_at_10_days_not_at_300() -> None:

@@ -76,6 +76,21 @@ def test_check_semantic_error(config_file: Path, jose_keys: JoseKeys) -> None:
     assert "private key" in result.stderr
 
 
+def test_check_applies_keyset_rules_to_a_keyset_no_route_uses_yet(
+    config_file: Path, jose_keys: JoseKeys,
+) -> None:
+    spare = (f"  spare:\n    type: jose\n    keys:\n"
+             f"      - {{id: partner-sig-a, file: {jose_keys.private('partner-sig-a')}}}\n"
+             f"      - {{id: partner-sig-b, file: {jose_keys.private('partner-sig-b')}}}\n")
+    text = config_file.read_text().replace("keysets:\n", "keysets:\n" + spare, 1)
+    assert "spare:" in text
+    config_file.write_text(text)
+    result = gateway("check", "--config", str(config_file))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: keysets.spare.keys: jose keyset 'spare' has 2 "
+                                    "active 'sig' keys")
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert gateway().returncode == 2
     assert gateway("check").returncode == 2
@@ -127,7 +142,7 @@ def test_demo_runs_to_completion() -> None:
 
 
 def test_check_warns_about_own_pgp_keys_valid_too_long(
-    pgp_keys: PgpKeys, runtime_dir: Path, tmp_path: Path
+    pgp_keys: PgpKeys, runtime_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     home = tmp_path / "g"
     home.mkdir(mode=0o700)
@@ -162,6 +177,21 @@ def test_check_warns_about_own_pgp_keys_valid_too_long(
     [line] = [line for line in result.stdout.splitlines() if "WARNING" in line]
     assert line.split()[0] == "forever" and "more than two years" in line
     assert pgp_keys.fingerprint("partner-a") in result.stdout
+    # Start-up and reloads log it too (config.md: at check, at start-up and on reload).
+    from gateway.admin import warn_about_keys
+    from gateway.config import load_config
+    from gateway.snapshot import build_snapshot, prepare_runtime_dir, remove_runtime_dir
+
+    workdir = prepare_runtime_dir(runtime_dir)
+    snapshot = build_snapshot(load_config(path), 1, workdir)
+    try:
+        caplog.set_level(logging.WARNING, logger="gateway.app")
+        warn_about_keys(snapshot)
+    finally:
+        snapshot.close()
+        remove_runtime_dir(workdir)
+    assert [(r.getMessage(), r.fields["key_id"]) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("key valid for more than two years", "forever")]
 
 
 _HEAP_PROBE = textwrap.dedent("""
