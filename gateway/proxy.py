@@ -125,7 +125,7 @@ class Proxy:
         self.inflight = inflight
         self.draining = draining
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         with self.current.use() as snapshot:
             route = snapshot.routes.get(self.route_name)
@@ -191,7 +191,7 @@ class Proxy:
             log.info("request", extra={"fields": record})
             return response
 
-    async def _inbound(self, request: web.Request, route: RouteRuntime, limits: Limits,
+    async def _inbound(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
                        record: dict[str, Any]) -> web.Response:
         cap = limits.max_body_bytes
         body = await _read_request(request, limits)
@@ -212,7 +212,7 @@ class Proxy:
         return web.Response(status=status, body=sealed.body,
                             headers={"Content-Type": route.envelope.content_type})
 
-    async def _outbound(self, request: web.Request, route: RouteRuntime, limits: Limits,
+    async def _outbound(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
                         record: dict[str, Any]) -> web.Response:
         cap = limits.max_body_bytes
         body = await _read_request(request, limits)
@@ -259,7 +259,7 @@ class Proxy:
             used.setdefault(key_op, []).append(key_id)
         return result
 
-    async def _forward(self, route: RouteRuntime, request: web.Request, body: bytes,
+    async def _forward(self, route: RouteRuntime, request: web.BaseRequest, body: bytes,
                        content_type: str, cap: int) -> tuple[int, bytes]:
         """One upstream exchange, never retried. Returns (status, body of at most `cap`)."""
         upstream = route.config.upstream
@@ -349,7 +349,7 @@ def _status_for(exc: GatewayError, direction: str, op: str) -> int:
     return 401 if exc.layer == "signature" else 400
 
 
-async def _read_request(request: web.Request, limits: Limits) -> bytes:
+async def _read_request(request: web.BaseRequest, limits: Limits) -> bytes:
     """The request body, within max_body_bytes (413) and body_timeout_s (408: a slow body)."""
     try:
         async with asyncio.timeout(limits.body_timeout_s):

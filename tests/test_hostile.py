@@ -482,6 +482,43 @@ MALFORMED = {
 EXPECTED = {"content_length_over_the_limit": (413,), "http_0_9_get": (400, 405)}
 
 
+@pytest.mark.parametrize(("head", "status"), [
+    # A newline once decoded: forwarded as it is (the stand-in partner's router says 404).
+    (b"POST /cards-qr-v1/echo%0a HTTP/1.1", 404),
+    (b"POST /cards-qr-v1/echo HTTP/1.1\r\nExpect: x", 200),  # an expectation we ignore
+    (b"POST /cards-qr-v1/echo HTTP/1.1\r\nExpect: 100-continue", 200),
+    (b"OPTIONS * HTTP/1.1", 405),
+    (b"CONNECT evil.example:443 HTTP/1.1", 405),  # or closed: its body is a tunnel's bytes
+    (b"POST * HTTP/1.1", 400),  # the parser's refusal, answered by the connection guard
+])
+def test_every_request_is_answered_by_the_gateway_never_by_aiohttp(
+    gateway: Running, head: bytes, status: int,
+) -> None:
+    """Behind aiohttp's router some requests got aiohttp's own answers (404, 417: text
+    bodies, its version in Server), uncounted and unlogged; 100-continue before any check."""
+    before = counted(gateway)
+    calls = len(gateway.partner.calls)
+    body = gateway.sealed
+    with connect(gateway) as tls:
+        send(tls, head + b"\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(body))
+        send(tls, body)
+        got, headers, answer = read_answer(tls)
+    assert refused(got, status) if head.startswith(b"CONNECT") else got == status
+    assert headers.get("server", "cards-qr-gateway") == "cards-qr-gateway"
+    assert b"aiohttp" not in answer and b"Not Found" not in answer
+    changes = delta(before, counted(gateway))
+    if status == 200:
+        assert gateway.google.open(answer)[0] == ANSWER
+        assert gateway.partner.calls[calls].path == head.split(b" ")[1].decode()
+    elif status == 404:  # the partner's answer, sealed
+        assert b"404: Not Found" in gateway.google.open(answer)[0]
+    elif status == 400:
+        assert answer == b"" and changes == {"bad_request": 1}
+    else:
+        assert answer == b"" and changes[str(status)] == 1
+    assert_healthy(gateway)
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_http_is_refused(gateway: Running, case: str) -> None:
     calls = len(gateway.partner.calls)
