@@ -80,10 +80,16 @@ class _BodyTooLarge(Exception):
 
 
 class Inflight:
-    """Counts requests in progress across every route of this process."""
+    """Counts requests in progress across every route of this process (a drain waits for
+    them), those of them past their body (limits.max_inflight bounds these: a body still
+    arriving must not hold a slot, or a few heads sent without their bodies lock everyone
+    out for body_timeout_s), and the bytes of the bodies still arriving (bounded too, by
+    max_inflight x max_body_bytes: many connections sending large bodies at once)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.processing = 0
+        self.arriving_bytes = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -144,13 +150,12 @@ class Proxy:
                 # Only a path is forwarded onto the upstream's base URL: an absolute-form target
                 # (`http://host/...`, RFC 9112 3.2.2) is refused before anything is read.
                 refused = Failure(400, "target", "request", {"Connection": "close"})
-            elif self.inflight.count >= limits.inflight:
+            elif self.inflight.processing >= limits.inflight:
                 # The connection is closed too: a client that ignores Retry-After then pays a
                 # new handshake before each retry, instead of the gateway paying a read and a
                 # 503 per retry on a kept-alive connection, which starved the admitted requests
                 # (bench/README.md: 2xx ~75-110 -> ~280-345 rt/s under a 256-connection flood).
-                refused = Failure(503, "overloaded", "request",
-                                  {"Retry-After": "1", "Connection": "close"})
+                refused = _overloaded()
             if refused is not None:
                 record["reason"] = refused.reason
                 response = self._failure(direction, refused)
@@ -158,12 +163,7 @@ class Proxy:
                 assert route is not None
                 self.inflight.enter()
                 try:
-                    if direction == "inbound":
-                        response = await self._inbound(request, route, limits,
-                                                       record)
-                    else:
-                        response = await self._outbound(request, route, limits,
-                                                        record)
+                    response = await self._admitted(request, route, limits, record)
                 except Failure as failure:
                     record["reason"] = failure.reason
                     response = self._failure(direction, failure)
@@ -191,10 +191,23 @@ class Proxy:
             log.info("request", extra={"fields": record})
             return response
 
+    async def _admitted(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
+                        record: dict[str, Any]) -> web.Response:
+        """Read the body, then take a processing slot (or 503 if they filled meanwhile)."""
+        body = await _read_request(request, limits, self.inflight)
+        if self.inflight.processing >= limits.inflight:
+            raise _overloaded()
+        self.inflight.processing += 1
+        try:
+            if route.config.direction == "inbound":
+                return await self._inbound(request, route, limits, record, body)
+            return await self._outbound(request, route, limits, record, body)
+        finally:
+            self.inflight.processing -= 1
+
     async def _inbound(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
-                       record: dict[str, Any]) -> web.Response:
+                       record: dict[str, Any], body: bytes) -> web.Response:
         cap = limits.max_body_bytes
-        body = await _read_request(request, limits)
         opened = await self._open(route, body, record)
         status, answer = await self._forward(
             route, request, opened.plaintext, PLAINTEXT_CONTENT_TYPE, cap
@@ -213,9 +226,8 @@ class Proxy:
                             headers={"Content-Type": route.envelope.content_type})
 
     async def _outbound(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
-                        record: dict[str, Any]) -> web.Response:
+                        record: dict[str, Any], body: bytes) -> web.Response:
         cap = limits.max_body_bytes
-        body = await _read_request(request, limits)
         sealed = await self._seal(route, body, record, phase="request")
         status, answer = await self._forward(
             route, request, sealed.body, route.envelope.content_type, cap
@@ -349,12 +361,27 @@ def _status_for(exc: GatewayError, direction: str, op: str) -> int:
     return 401 if exc.layer == "signature" else 400
 
 
-async def _read_request(request: web.BaseRequest, limits: Limits) -> bytes:
-    """The request body, within max_body_bytes (413) and body_timeout_s (408: a slow body)."""
+def _overloaded() -> Failure:
+    return Failure(503, "overloaded", "request", {"Retry-After": "1", "Connection": "close"})
+
+
+async def _read_request(request: web.BaseRequest, limits: Limits, inflight: Inflight) -> bytes:
+    """The request body, within max_body_bytes (413), body_timeout_s (408: a slow body) and,
+    with the other bodies still arriving, max_inflight x max_body_bytes (503)."""
+    budget = limits.inflight * limits.max_body_bytes
+    held = 0
+
+    def arriving(size: int) -> None:
+        nonlocal held
+        if inflight.arriving_bytes + size > budget:
+            raise _overloaded()
+        inflight.arriving_bytes += size
+        held += size
+
     try:
         async with asyncio.timeout(limits.body_timeout_s):
             body = await _read_capped(request.content, request.content_length,
-                                      limits.max_body_bytes)
+                                      limits.max_body_bytes, arriving)
     except _BodyTooLarge:
         raise Failure(413, "too_large", "request") from None
     except TimeoutError:
@@ -362,6 +389,8 @@ async def _read_request(request: web.BaseRequest, limits: Limits) -> bytes:
     except (HttpProcessingError, web.RequestPayloadError):
         # Broken framing (chunked) or content coding: the body cannot be had.
         raise Failure(400, "malformed", "request", {"Connection": "close"}) from None
+    finally:
+        inflight.arriving_bytes -= held
     if not body:
         raise Failure(400, "malformed", "request")
     return body
@@ -401,8 +430,10 @@ def _close_of_unframed_body(response: aiohttp.ClientResponse) -> asyncio.Future[
     return closed
 
 
-async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: int) -> bytes:
-    """Read a whole body, never buffering more than `cap` bytes. Raises _BodyTooLarge."""
+async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: int,
+                       arriving: Callable[[int], None] = lambda size: None) -> bytes:
+    """Read a whole body, never buffering more than `cap` bytes. Raises _BodyTooLarge.
+    `arriving(size)` is told of each chunk before it is kept (and may raise)."""
     if declared is not None and declared > cap:
         raise _BodyTooLarge
     chunks: list[bytes] = []
@@ -414,6 +445,7 @@ async def _read_capped(stream: aiohttp.StreamReader, declared: int | None, cap: 
         size += len(chunk)
         if size > cap:
             raise _BodyTooLarge
+        arriving(len(chunk))
         chunks.append(chunk)
 
 
