@@ -265,52 +265,54 @@ async def held_open(gateway: Gateway, pki: Pki, head: bytes,
     return reader, writer
 
 
+async def jose_inbound(request: pytest.FixtureRequest, partner: StandIn, runtime_dir: Path,
+                       pki: Pki, limits: str) -> tuple[Google, bytes, str]:
+    """Google (panva's jose), a request it sealed, and the config of one inbound route."""
+    google = google_for(request, "jose")
+    sealed = await asyncio.to_thread(google.seal, REQUEST)
+    return google, sealed, config(google, runtime_dir, pki, inbound_url=partner.url,
+                                  limits=f"limits: {{{limits}}}")
+
+
+def head_of(length: int) -> bytes:
+    return (b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
 async def test_bodies_still_arriving_hold_no_processing_slot(
-    runtime_dir: Path, pki: Pki, tmp_path: Path, request: pytest.FixtureRequest,
+    partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Heads sent without their bodies once held every max_inflight slot for body_timeout_s:
     Google got 503 until then. The slots count only requests past their body."""
-    google = google_for(request, "jose")
-    sealed = await asyncio.to_thread(google.seal, REQUEST)
-    partner = await StandIn(json_answer(ANSWER)).start()
-    text = config(google, runtime_dir, pki, inbound_url=partner.url,
-                  limits="limits: {max_inflight: 2, body_timeout_s: 20}")
-    head = b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"
-    try:
-        async with running_gateway(tmp_path, text) as gateway:
-            idle = [await held_open(gateway, pki, head) for _ in range(4)]
-            await asyncio.sleep(0.3)
-            status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
-            for _, writer in idle:
-                writer.close()
-    finally:
-        await partner.stop()
+    google, sealed, text = await jose_inbound(request, partner, runtime_dir, pki,
+                                              "max_inflight: 2, body_timeout_s: 20")
+    async with running_gateway(tmp_path, text) as gateway:
+        idle = [await held_open(gateway, pki, head_of(1000)) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+        for _, writer in idle:
+            writer.close()
     assert status == 200
     assert (await asyncio.to_thread(google.open, body))[0] == ANSWER
 
 
 async def test_bodies_arriving_at_once_are_bounded_in_bytes(
-    runtime_dir: Path, pki: Pki, tmp_path: Path, request: pytest.FixtureRequest,
+    partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """What the bodies still arriving hold together is bounded by max_inflight x
     max_body_bytes: past it, 503 + Retry-After; once they are gone, requests pass again."""
-    google = google_for(request, "jose")
-    sealed = await asyncio.to_thread(google.seal, REQUEST)
-    partner = await StandIn(json_answer(ANSWER)).start()
-    text = config(google, runtime_dir, pki, inbound_url=partner.url,
-                  limits="limits: {max_inflight: 1, max_body_bytes: 4096}")
-    head = b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n"
+    _, sealed, text = await jose_inbound(request, partner, runtime_dir, pki,
+                                         "max_inflight: 1, max_body_bytes: 4096")
     assert 4096 - 4000 < len(sealed) <= 4096
-    try:
-        async with running_gateway(tmp_path, text) as gateway:
-            _, writer = await held_open(gateway, pki, head, b"x" * 3990)
-            await asyncio.sleep(0.3)
-            refused = await post(gateway, "in", sealed, ctx=pki.client_context())
-            writer.close()
-            await asyncio.sleep(0.3)
-            admitted = await post(gateway, "in", sealed, ctx=pki.client_context())
-    finally:
-        await partner.stop()
+    async with running_gateway(tmp_path, text) as gateway:
+        _, writer = await held_open(gateway, pki, head_of(4000), b"x" * 3990)
+        await asyncio.sleep(0.3)
+        refused = await post(gateway, "in", sealed, ctx=pki.client_context())
+        writer.close()
+        await asyncio.sleep(0.3)
+        admitted = await post(gateway, "in", sealed, ctx=pki.client_context())
     assert (refused[0], refused[1].get("Retry-After"), refused[2]) == (503, "1", b"")
     assert admitted[0] == 200
     assert len(partner.calls) == 1
