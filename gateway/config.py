@@ -166,6 +166,7 @@ class Limits:
     max_connections: int = 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0  # beyond config.md: to send an answer (slow readers)
     idle_timeout_s: float = 60.0
     max_header_bytes: int = 16384
     max_headers: int = 64
@@ -631,6 +632,9 @@ def _limits(reader: _Reader, node: Any) -> Limits:
         ),
         body_timeout_s=reader.number(
             m.optional("body_timeout_s", 30), f"{place}.body_timeout_s", 0.001
+        ),
+        send_timeout_s=reader.number(
+            m.optional("send_timeout_s", 30), f"{place}.send_timeout_s", 0.001
         ),
         idle_timeout_s=reader.number(
             m.optional("idle_timeout_s", 60), f"{place}.idle_timeout_s", 0.001

@@ -114,7 +114,7 @@ class Metrics:
             "connections_closed", Counter,
             "gateway_connections_closed_total",
             "Client connections the gateway closed on a bound (header_timeout, header_bytes, "
-            "max_connections) or on malformed HTTP (bad_request).",
+            "max_connections, send_timeout) or on malformed HTTP (bad_request).",
             ["route", "reason"],
         )
         self.loop_lag = made(

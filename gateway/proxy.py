@@ -189,7 +189,25 @@ class Proxy:
             self.metrics.request_duration.labels(self.route_name, direction).observe(elapsed)
             record.update(status=response.status, duration_ms=round(elapsed * 1000, 2))
             log.info("request", extra={"fields": record})
-            return response
+        await self._send(request, response, limits.send_timeout_s)
+        return response
+
+    async def _send(self, request: web.BaseRequest, response: web.StreamResponse,
+                    timeout: float) -> None:
+        """Send the answer here rather than leave it to aiohttp, which waits for a client to
+        take it for ever: one that pipelines requests and never reads held its connection,
+        and with enough of them every max_connections slot. Past `timeout` the connection is
+        dropped (aiohttp's own prepare and write_eof are then no-ops)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            self.metrics.connections_closed.labels(self.route_name, "send_timeout").inc()
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            pass  # the client went away: aiohttp closes the connection
 
     async def _admitted(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
                         record: dict[str, Any]) -> web.Response:

@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -316,6 +317,43 @@ async def test_bodies_arriving_at_once_are_bounded_in_bytes(
     assert (refused[0], refused[1].get("Retry-After"), refused[2]) == (503, "1", b"")
     assert admitted[0] == 200
     assert len(partner.calls) == 1
+
+
+def never_reading(port: int, pki: Pki, one: bytes, count: int) -> None:
+    """Send `count` pipelined copies of the request `one` over TLS, never reading, and more
+    until the gateway drops the connection."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    with pki.client_context().wrap_socket(sock, server_hostname="localhost") as tls, \
+            contextlib.suppress(OSError):
+        tls.sendall(one * count)
+        for _ in range(300):  # more until the gateway has dropped us (30 s)
+            time.sleep(0.1)
+            tls.sendall(one)
+
+
+async def test_a_client_that_never_reads_its_answers_is_dropped(
+    partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Requests pipelined by clients that never read their answers held their connections
+    for ever, and with them every max_connections slot: Google was refused."""
+    google, sealed, text = await jose_inbound(
+        request, partner, runtime_dir, pki, "max_connections: 2, send_timeout_s: 1")
+    # Enough answers (~15 MB) to fill every buffer on the way, the kernel's included.
+    one, count = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", 100_000
+    async with running_gateway(tmp_path, text) as gateway:
+        port = gateway.routes["in"].port
+        stuck = [asyncio.create_task(asyncio.to_thread(never_reading, port, pki, one, count))
+                 for _ in range(2)]
+        await asyncio.wait_for(asyncio.gather(*stuck), 30)  # both dropped
+        metrics = gateway.metrics.render().decode()
+        status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+    assert 'gateway_connections_closed_total{reason="send_timeout",route="in"} 2.0' in metrics
+    assert status == 200
+    assert (await asyncio.to_thread(google.open, body))[0] == ANSWER
 
 
 async def test_inbound_answer_with_nothing_to_seal_is_500(
