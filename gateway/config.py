@@ -518,9 +518,10 @@ def _server_tls(reader: _Reader, place: str, node: Any) -> ServerTls:
 
 
 def shown_url(url: str) -> str:
-    """`url` as an error or `check` may show it: a user:password@ part (which may come from
-    ${ENV}, a Secret) replaced by ***@."""
-    return re.sub(r"^([^/]*//)?[^/]*@", r"\1***@", url)
+    """`url` as an error or `check` may show it: everything between the scheme and the last
+    '@' (a user:password@ part, which may come from ${ENV}, a Secret, and may hold '/' or
+    '@' itself) replaced by ***@. Masking a path's '@' too is the safe side."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?.*@", r"\1***@", url, flags=re.DOTALL)
 
 
 def _split_url(url: str, place: str) -> SplitResult:

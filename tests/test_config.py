@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config, KeyState, load_config
+from gateway.config import Config, KeyState, load_config, shown_url
 from gateway.errors import ConfigError
 
 BASE = """
@@ -187,6 +187,9 @@ def test_numbers_must_be_finite_and_in_range(base_dir: Path, new: str, expected:
     ("url", "http://user:${PW}@[::1", "routes[0].upstream.url: 'http://***@[::1' is not a URL"),
     ("proxy", "http://user:${PW}@proxy.example:99999",
      "routes[0].upstream.proxy: 'http://***@proxy.example:99999' is not a URL"),
+    # A base64-style secret holds '/' (and may hold '@'): it once came out as it was.
+    ("proxy", "http://user:Top/${PW}@proxy.example:3128",
+     "routes[0].upstream.proxy: 'http://***@proxy.example:3128' is not a URL"),
 ])
 def test_url_errors_hide_credentials(base_dir: Path, field: str, value: str,
                                      expected: str) -> None:
@@ -198,6 +201,16 @@ def test_url_errors_hide_credentials(base_dir: Path, field: str, value: str,
            f'upstream: {{url: "http://127.0.0.1:3000", proxy: "{value}"}}')
     message = error_of(base_dir, BASE.replace(old, new), env={"PW": "TopSecret123"})
     assert message == expected and "TopSecret123" not in message
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://u:p@host:1/x", "https://***@host:1/x"),
+    ("http://u:Top/Secret@proxy:3128", "http://***@proxy:3128"),
+    ("https://u:a@b/Secret@host/x", "https://***@host/x"),
+    ("https://host/path", "https://host/path"),
+])
+def test_shown_urls_never_hold_credentials(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
 
 
 SECOND_ROUTE = """
