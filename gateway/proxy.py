@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http import HttpProcessingError
+from aiohttp.http import HttpProcessingError, HttpVersion11
 from yarl import URL
 
 from gateway.config import Limits
@@ -212,6 +212,12 @@ class Proxy:
     async def _admitted(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
                         record: dict[str, Any]) -> web.Response:
         """Read the body, then take a processing slot (or 503 if they filled meanwhile)."""
+        if request.version >= HttpVersion11 and \
+                request.headers.get("Expect", "").lower() == "100-continue":
+            # Asked for only now, past the method, target and overload checks: a client that
+            # waits for it before sending its body (RFC 9110 10.1.1) gets it. Other
+            # expectations are ignored, as RFC 9110 allows.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await _read_request(request, limits, self.inflight)
         if self.inflight.processing >= limits.inflight:
             raise _overloaded()

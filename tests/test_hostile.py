@@ -486,7 +486,6 @@ EXPECTED = {"content_length_over_the_limit": (413,), "http_0_9_get": (400, 405)}
     # A newline once decoded: forwarded as it is (the stand-in partner's router says 404).
     (b"POST /cards-qr-v1/echo%0a HTTP/1.1", 404),
     (b"POST /cards-qr-v1/echo HTTP/1.1\r\nExpect: x", 200),  # an expectation we ignore
-    (b"POST /cards-qr-v1/echo HTTP/1.1\r\nExpect: 100-continue", 200),
     (b"OPTIONS * HTTP/1.1", 405),
     (b"CONNECT evil.example:443 HTTP/1.1", 405),  # or closed: its body is a tunnel's bytes
     (b"POST * HTTP/1.1", 400),  # the parser's refusal, answered by the connection guard
@@ -517,6 +516,24 @@ def test_every_request_is_answered_by_the_gateway_never_by_aiohttp(
     else:
         assert answer == b"" and changes[str(status)] == 1
     assert_healthy(gateway)
+
+
+def test_expect_100_continue_is_answered_after_the_checks(gateway: Running) -> None:
+    """A client that waits for 100 Continue before its body gets it (without it: nothing
+    until body_timeout_s, then 408), and only once the request passed the checks."""
+    body = gateway.sealed
+    with connect(gateway) as tls:
+        send(tls, b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        tls.settimeout(5)
+        assert tls.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        send(tls, body)
+        status, _, answer = read_answer(tls)
+    assert status == 200 and gateway.google.open(answer)[0] == ANSWER
+    with connect(gateway) as tls:
+        send(tls, b"GET /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        assert read_answer(tls)[0] == 405  # its first answer, no 100 before it
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
