@@ -151,6 +151,29 @@ _DIAGNOSTIC_STATUSES = frozenset({
 })
 
 
+# libgpg-error codes (gpg-error.h) in gpg's ERROR/FAILURE status lines: the low 16 bits.
+_GPG_ERR_EOF = 16383  # the agent's socket closed mid-call
+_GPG_ERR_SYSTEM_ERROR = 1 << 15  # an errno: ECONNRESET, EPIPE, ECONNREFUSED...
+
+
+def _agent_failed(status: _Status) -> bool:
+    """Whether gpg lost its agent during the call rather than judged the message: an agent
+    operation (a public-key decryption, a signature) that failed on end of file or a system
+    error. (An agent lost while gpg looks a secret key up reads as NO_SECKEY, which a message
+    to a key id of ours that is not for encryption gives too: left as the message's 400.)"""
+    for key, values in status.lines:
+        if key in ("ERROR", "FAILURE") and len(values) >= 2 and values[-1].isdigit() \
+                and values[0] in _AGENT_OPERATIONS:
+            code = int(values[-1]) & 0xFFFF
+            if code == _GPG_ERR_EOF or code & _GPG_ERR_SYSTEM_ERROR:
+                return True
+    return False
+
+
+# The status lines' names of what gpg asks its agent to do (decrypt a session key, sign).
+_AGENT_OPERATIONS = frozenset({"pkdecrypt_failed", "sign-encrypt", "sign", "keysign"})
+
+
 class _Status(gnupg.StatusHandler):  # type: ignore[misc]
     """Every status line of one gpg call, in order, plus its stdout and stderr. Status lines
     come on a pipe of their own (`--status-fd`), never from stderr, whose messages quote what
@@ -1053,6 +1076,14 @@ class PgpEnvelope:
         if status.has(*_PASSPHRASE_STATUSES) and asked & self._protected_ids:
             self._preset_passphrases()
             status = self._gpg.run(args, data, **limits)
+        if _agent_failed(status):
+            # The agent died or its socket broke during the call (gpg starts a new one for
+            # the next call, without our passphrases): not the message's fault, and read as
+            # a verdict it would give Google a 400. Once more, then the engine's failure.
+            self._preset_passphrases()
+            status = self._gpg.run(args, data, **limits)
+            if _agent_failed(status):
+                raise EngineError(f"gpg-agent failed during the call ({status.diagnosis()})")
         return status
 
     @property
@@ -1114,9 +1145,11 @@ class PgpEnvelope:
         cap = self.max_plaintext_bytes + 1
         args = ["--max-output", str(cap), "--decrypt"]
         status = self._run(args, message, bounded=True)
-        if status.has("BADSIG") and not status.has("END_DECRYPTION") and not status.flooded:
-            # gpg --batch exits at the first bad signature (mainproc.c: "if (opt.batch && rc)
-            # g10_exit (1)"): the signatures after it are never checked nor the MDC, so nothing
+        if status.has("BADSIG", "EXPSIG") and not status.has("END_DECRYPTION") \
+                and not status.flooded:
+            # gpg --batch exits at the first bad or expired signature (mainproc.c: "if
+            # (opt.batch && rc) g10_exit (1)"): the signatures after it are never checked nor
+            # the MDC, so nothing
             # proves the data whole and a good signature beside the bad one would be lost.
             # Without --batch (and still without a tty: gpg can ask nothing) it checks every
             # signature, then the MDC; that run's status lines decide, by the same rules.

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -225,6 +228,46 @@ def test_bad_signatures_beside_good(
              + b"".join(craft.sig(name, plaintext, damage=bad) for name, bad in signers))
     body = b64url(craft.encrypt(inner))
     expected: Outcome = ("refused", "SignatureError", "signature") if shape == "bad only" \
+        else ("opened", plaintext, ("partner-a",), frozenset({"google-a"}))
+    assert outcome(gnupg, body) == expected
+    assert outcome(native, body) == expected
+
+
+def expired_sig(craft: Craft, name: str, data: bytes) -> bytes:  # noqa: F811
+    """A signature by `name` made 100 s ago that expired after 10 s (subpacket 3)."""
+    part = craft.part(name, "sign")
+    hashed = (openpgp._sub(2, (craft.now - 100).to_bytes(4, "big"))
+              + openpgp._sub(33, b"\x04" + part.fingerprint)
+              + openpgp._sub(3, (10).to_bytes(4, "big")))
+    hashed_part = bytes([4, 0, 1, 9]) + len(hashed).to_bytes(2, "big") + hashed
+    h = openpgp._hash_of(9, data)
+    h.update(hashed_part)
+    h.update(b"\x04\xff" + len(hashed_part).to_bytes(4, "big"))
+    digest = h.finalize()
+    value = part.private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA384()))
+    unhashed = openpgp._sub(16, part.keyid)
+    return openpgp._packet(2, hashed_part + len(unhashed).to_bytes(2, "big") + unhashed
+                           + digest[:2] + openpgp._mpi(value))
+
+
+@pytest.mark.parametrize("shape", ["good, then expired", "expired, then good", "expired only"])
+def test_expired_signatures_beside_good(
+    engines: tuple[PgpEnvelope, NativePgpEnvelope], craft: Craft, shape: str  # noqa: F811
+) -> None:
+    """gpg --batch stops at an expired signature (EXPSIG) as at a bad one: the gnupg engine
+    answered DecryptError (400) for a message with a good signature beside it, and for an
+    expired one alone, which is the signature layer's 401."""
+    gnupg, native = engines
+    plaintext = b'{"a": 1}'
+    names = {"good, then expired": ["google-a", "google-sub"],
+             "expired, then good": ["google-sub", "google-a"],
+             "expired only": ["google-sub"]}[shape]
+    ops = [craft.ops(name, last=i == 0) for i, name in enumerate(names)]
+    sigs = [expired_sig(craft, name, plaintext) if name == "google-sub"
+            else craft.sig(name, plaintext) for name in names]
+    body = b64url(craft.encrypt(b"".join(reversed(ops)) + craft.literal(plaintext)
+                                + b"".join(sigs)))
+    expected: Outcome = ("refused", "SignatureError", "signature") if shape == "expired only" \
         else ("opened", plaintext, ("partner-a",), frozenset({"google-a"}))
     assert outcome(gnupg, body) == expected
     assert outcome(native, body) == expected
