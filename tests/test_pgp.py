@@ -673,3 +673,67 @@ def test_a_gpg_that_closes_its_pipes_but_lingers_is_killed_at_the_deadline(
         pgp._reap(stands_in)
         os.close(status_r)
     assert partner.seal(PLAINTEXT).signed_by == ("partner-a",)  # and a real gpg exits in time
+
+
+# -- the agent lost during a call -------------------------------------------------------------
+
+# What gpg 2.2 said when its agent was killed during a call (a review helper's captures).
+AGENT_LOST = {
+    "open": [("ENC_TO", ["556C35ED0FB0F0D1", "1", "0"]),
+             ("ERROR", ["pkdecrypt_failed", "33570815"]), ("BEGIN_DECRYPTION", []),
+             ("DECRYPTION_FAILED", []), ("END_DECRYPTION", [])],
+    "seal": [("INV_SGNR", ["0", "0123"]), ("FAILURE", ["sign-encrypt", "33587226"])],
+}
+
+
+class Said:
+    """A gpg call's status lines, as _Status offers them to the envelope."""
+
+    def __init__(self, lines: list[tuple[str, list[str]]]) -> None:
+        self.lines = lines
+        self.returncode = 2
+        self.flooded = self.overflowed = False
+        self.data = b""
+        self.stderr = ""
+
+    def has(self, *keywords: str) -> bool:
+        return any(key in keywords for key, _ in self.lines)
+
+    def values(self, keyword: str) -> list[list[str]]:
+        return [value for key, value in self.lines if key == keyword]
+
+    def diagnosis(self) -> str:
+        return "exit 2"
+
+
+@pytest.mark.parametrize("op", ["open", "seal"])
+@pytest.mark.parametrize("times", [1, 2])
+def test_an_agent_lost_during_a_call_is_retried_once_then_the_engines_failure(
+    pgp_envelope: Callable[..., PgpEnvelope], gpg_peer: GpgPeer, op: str, times: int,
+) -> None:
+    """An agent that died mid-call made gpg fail the decryption or the signature: read as a
+    verdict, a valid message got 400 (wrong key, decrypt) and a seal no_key. Once lost: one
+    more call, which works; lost again: EngineError (500)."""
+    envelope = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
+    body = gpg_peer.seal(b'{"a": 1}', ["google-a"], ["partner-a"])
+    real = envelope._gpg.run
+    calls = []
+
+    def run(args: list[str], data: bytes, **limits: Any) -> Any:
+        calls.append(args)
+        if len(calls) <= times:
+            return Said(list(AGENT_LOST[op]))
+        return real(args, data, **limits)
+
+    envelope._gpg.run = run
+    try:
+        if times == 2:
+            with pytest.raises(EngineError, match="gpg-agent failed"):
+                envelope.open(body) if op == "open" else envelope.seal(b'{"a": 1}')
+        elif op == "open":
+            assert envelope.open(body).plaintext == b'{"a": 1}'
+        else:
+            assert envelope.seal(b'{"a": 1}').signed_by == ("partner-a",)
+    finally:
+        envelope._gpg.run = real
+    assert len(calls) == 2
