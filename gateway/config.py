@@ -240,13 +240,20 @@ def usable_cores() -> int:
 def files_digest(paths: tuple[Path, ...]) -> str:
     """SHA-256 over the contents of `paths` (a missing file counts as its own state)."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path).encode() + b"\0")
-        try:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        except OSError as exc:
-            digest.update(f"missing:{exc.errno}".encode())
+    for path, each in file_digests(paths).items():
+        digest.update(str(path).encode() + b"\0" + each.encode())
     return digest.hexdigest()
+
+
+def file_digests(paths: tuple[Path, ...]) -> dict[Path, str]:
+    """Each file's SHA-256 (or its errno, for one that cannot be read)."""
+    digests = {}
+    for path in paths:
+        try:
+            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            digests[path] = f"missing:{exc.errno}"
+    return digests
 
 
 class _Loader(yaml.SafeLoader):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.config import Config, files_digest, load_config
+from gateway.config import Config, file_digests, files_digest, load_config
 from gateway.errors import ConfigError
 from gateway.keys import utcnow
 from gateway.logs import apply_level
@@ -85,18 +85,18 @@ class Reloader:
         the old configuration keeps serving. Returns True when the new one is in service."""
         async with self._lock:
             old = self.current.snapshot.config
+            # Each file as it was before the attempt read it: one rewritten in place during
+            # the attempt (read half-written, say) must be tried again at the next poll, not
+            # taken as seen because its finished content was hashed afterwards.
+            before = await asyncio.to_thread(file_digests, self._watched)
             try:
                 try:
                     config = await asyncio.to_thread(self.load, self.path)
                 except ConfigError as exc:
-                    # Hashed after the attempt: a file that changed during it is taken as
-                    # seen (SIGHUP, or its next change, tries again).
-                    self._watched = exc.files or (self.path,)
-                    self._seen = await asyncio.to_thread(files_digest, self._watched)
+                    await self._note_seen(exc.files or (self.path,), before)
                     raise
                 # Hash what we are about to read: a change during the build is seen next poll.
-                self._watched = config.files()
-                self._seen = await asyncio.to_thread(files_digest, self._watched)
+                await self._note_seen(config.files(), before)
                 warnings = listener_changes(old, config)
                 snapshot = await asyncio.to_thread(self.build, config, self._generation + 1)
             except Exception as exc:  # any failure keeps the old configuration in service
@@ -122,6 +122,15 @@ class Reloader:
             log.info("reloaded", extra={"fields": {"trigger": trigger,
                                                     "generation": self._generation}})
             return True
+
+    async def _note_seen(self, files: tuple[Path, ...], before: dict[Path, str]) -> None:
+        """Watch `files` from now on, as they are now; but if one that was watched already
+        changed during the attempt, leave the next poll to try again."""
+        self._watched = files
+        self._seen = await asyncio.to_thread(files_digest, files)
+        after = await asyncio.to_thread(file_digests, tuple(f for f in files if f in before))
+        if any(after[f] != before[f] for f in after):
+            self._seen = ""
 
     def _count(self, trigger: str, result: str) -> None:
         # config.md: gateway_config_reloads_total counts the operator's attempts (SIGHUP, a
