@@ -48,13 +48,17 @@ def build_admin_app(ready: Callable[[], str | None], metrics: Metrics,
     return app
 
 
-def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool) -> dict[str, Any]:
-    """What /status shows: generation, last reload, every key's public facts (no material) and
-    what an operator must hear about it (expiring within warn_expiry_days, valid too long)."""
+def status_document(snapshot: Snapshot, reloader: Reloader, draining: bool,
+                    workers: list[dict[str, int | None]] | None = None) -> dict[str, Any]:
+    """What /status shows: generation (validated; with `workers`, each worker's own under
+    "workers"), last reload, every key's public facts (no material) and what an operator must
+    hear about it (expiring within warn_expiry_days, valid too long)."""
     last = reloader.last
     now = datetime.now(UTC)
     within = timedelta(days=snapshot.config.warn_expiry_days)
+    extra = {} if workers is None else {"workers": workers}
     return {
+        **extra,
         "generation": snapshot.generation,
         "loaded_at": snapshot.loaded_at.isoformat(),
         "draining": draining,
@@ -102,10 +106,12 @@ async def warn_daily(current: Current) -> None:
         warn_about_keys(current.snapshot)
 
 
-def describe_keys(metrics: Metrics, snapshot: Snapshot) -> None:
-    """Set the gauges that describe the configuration: generation, key info and expiry (keys
-    that left the configuration disappear)."""
-    metrics.config_generation.set(snapshot.generation)
+def describe_keys(metrics: Metrics, snapshot: Snapshot, *, generation: bool = True) -> None:
+    """Set the gauges that describe the configuration: generation (unless a supervisor's,
+    which follows its workers), key info and expiry (keys that left the configuration
+    disappear)."""
+    if generation:
+        metrics.config_generation.set(snapshot.generation)
     metrics.key_info.clear()
     metrics.key_expiry.clear()
     for keyset in snapshot.keysets.values():

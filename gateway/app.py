@@ -31,6 +31,7 @@ from gateway.admin import (
 from gateway.config import Config, Limits, ServerTls, load_config, usable_cores
 from gateway.logs import count_drops
 from gateway.metrics import Metrics
+from gateway.mirror import applied_generation
 from gateway.proxy import Inflight, Proxy
 from gateway.reload import Reloader
 from gateway.snapshot import (
@@ -183,7 +184,7 @@ class Gateway:
             fields["admin"] = f"{self.admin.host}:{self.admin.port}"
         if self.worker is not None:
             fields["worker"] = self.worker.index
-            self.worker.ready_file.write_text(str(os.getpid()))
+            self._report_to_supervisor()
         log.info("listening", extra={"fields": fields})
 
     async def drain(self) -> int:
@@ -274,7 +275,19 @@ class Gateway:
             return "draining"
         return None if self.ready else "starting"
 
+    def _report_to_supervisor(self) -> None:
+        """A worker's ready file: its pid and the supervisor's generation it serves, rewritten
+        (atomically) after each reload it applied."""
+        assert self.worker is not None
+        generation = applied_generation(self.current.snapshot.config) or 0
+        ready = self.worker.ready_file
+        aside = ready.with_name(ready.name + ".new")
+        aside.write_text(f"{os.getpid()} {generation}")
+        os.replace(aside, ready)
+
     def _describe(self, snapshot: Snapshot) -> None:
+        if self.worker is not None and self.ready:
+            self._report_to_supervisor()
         if self.worker is None:  # a worker's supervisor describes the configuration
             warn_about_keys(snapshot)
             describe_keys(self.metrics, snapshot)

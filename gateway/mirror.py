@@ -51,10 +51,12 @@ class Mirror:
             shutil.rmtree(staged, ignore_errors=True)
             raise
 
-    def publish(self, config: Config) -> None:
-        """Point `current` at `config`'s copy (loaded by load()), and remove every other copy
-        but the one it replaces (a worker may be reading it right now)."""
+    def publish(self, config: Config, generation: int) -> None:
+        """Point `current` at `config`'s copy (loaded by load()), the supervisor's `generation`
+        beside it, and remove every other copy but the one it replaces (a worker may be
+        reading it right now)."""
         assert config.root is not None and config.root.parent == self.directory
+        (self.directory / f"{config.root.name}{_GENERATION}").write_text(str(generation))
         keep = {config.root.name}
         if self.pointer.is_symlink():
             keep.add(os.readlink(self.pointer))
@@ -63,8 +65,26 @@ class Mirror:
         link.symlink_to(config.root.name)
         os.replace(link, self.pointer)
         for entry in self.directory.iterdir():
-            if entry.name not in keep and entry.is_dir() and not entry.is_symlink():
+            if entry.name.removesuffix(_GENERATION) in keep or entry.is_symlink():
+                continue
+            if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.endswith(_GENERATION):
+                entry.unlink(missing_ok=True)
+
+
+_GENERATION = ".generation"
+
+
+def applied_generation(config: Config) -> int | None:
+    """The supervisor's generation of a configuration a worker loaded from the mirror (None
+    for one that was not)."""
+    if config.root is None:
+        return None
+    try:
+        return int((config.root.parent / f"{config.root.name}{_GENERATION}").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_mirrored(pointer: Path, path: Path) -> Config:

@@ -4,6 +4,7 @@ serves the admin endpoints with their metrics summed, validates reloads and drai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -80,13 +81,14 @@ class Supervisor:
         self.mirror = Mirror(workdir / "config")
         config = self.config = self.mirror.load(config.path)
         snapshot = build_snapshot(config, 1, workdir, slots=0)
-        self.mirror.publish(config)
+        self.mirror.publish(config, snapshot.generation)
         self.current = Current(snapshot, lambda old: None)
         self.reloader = Reloader(config.path, self.current,
                                  lambda c, g: build_snapshot(c, g, workdir, slots=0),
                                  self.metrics, on_swap=self._swapped, load=self.mirror.load)
-        # The workers leave describing the configuration (gauges, expiry warnings) to us.
-        describe_keys(self.metrics, snapshot)
+        # The workers leave describing the configuration (gauges, expiry warnings) to us; the
+        # generation gauge follows what every worker has applied (track_generation).
+        describe_keys(self.metrics, snapshot, generation=False)
         warn_about_keys(snapshot)
         self.draining = False
         self.ports: dict[str, int] = {}
@@ -140,6 +142,31 @@ class Supervisor:
         if not self.draining:
             await self.start_worker(index)
 
+    def worker_states(self) -> list[dict[str, int | None]]:
+        """Each live worker's index, pid and the generation it serves (None until it listens),
+        from the ready file it rewrites after each reload it applied."""
+        states: list[dict[str, int | None]] = []
+        for index, process in sorted(self.workers.items()):
+            if process.returncode is not None:
+                continue
+            generation = None
+            with contextlib.suppress(OSError, ValueError):
+                generation = int(self._ready_file(index).read_text().split()[1])
+            states.append({"index": index, "pid": process.pid, "generation": generation})
+        return states
+
+    def refresh_generation(self) -> None:
+        """gateway_config_generation: the oldest generation a live worker serves (a reload
+        counts once every worker has applied it, not when the supervisor has checked it)."""
+        served = [s["generation"] for s in self.worker_states()]
+        if served and None not in served:
+            self.metrics.config_generation.set(min(g for g in served if g is not None))
+
+    async def track_generation(self, period: float = 0.2) -> None:
+        while True:
+            self.refresh_generation()
+            await asyncio.sleep(period)
+
     def not_ready(self) -> str | None:
         if self.draining:
             return "draining"
@@ -147,8 +174,8 @@ class Supervisor:
         return None if ready and self.workers else "starting"
 
     def _swapped(self, snapshot: Snapshot) -> None:
-        self.mirror.publish(snapshot.config)
-        describe_keys(self.metrics, snapshot)
+        self.mirror.publish(snapshot.config, snapshot.generation)
+        describe_keys(self.metrics, snapshot, generation=False)
         warn_about_keys(snapshot)
         for index, process in self.workers.items():
             if process.returncode is not None:
@@ -195,7 +222,8 @@ async def supervise(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks: set[asyncio.Task[object]] = {loop.create_task(supervisor.reloader.poll_forever()),
-                                        loop.create_task(warn_daily(supervisor.current))}
+                                        loop.create_task(warn_daily(supervisor.current)),
+                                        loop.create_task(supervisor.track_generation())}
     loop.add_signal_handler(
         signal.SIGHUP, lambda: tasks.add(loop.create_task(supervisor.reloader.reload("sighup"))))
     if hangup.take():  # one came while starting
@@ -203,7 +231,8 @@ async def supervise(config: Config) -> int:
     admin = web.AppRunner(build_admin_app(supervisor.not_ready, supervisor.metrics,
                                           lambda: status_document(supervisor.current.snapshot,
                                                                   supervisor.reloader,
-                                                                  supervisor.draining)),
+                                                                  supervisor.draining,
+                                                                  supervisor.worker_states())),
                           handle_signals=False, access_log=None)
     await admin.setup()
     site = web.TCPSite(admin, config.admin_listen.host, config.admin_listen.port)
@@ -214,6 +243,7 @@ async def supervise(config: Config) -> int:
         await supervisor.start_worker(index)
     while supervisor.not_ready() is not None and not stop.is_set():
         await asyncio.sleep(0.05)
+    supervisor.refresh_generation()
     log.info("listening", extra={"fields": {
         "routes": {n: f"{r.listen.host}:{supervisor.ports[n]}"
                    for n, r in ((r.name, r) for r in config.routes)},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.mirror import Mirror, load_mirrored
+from gateway.mirror import Mirror, applied_generation, load_mirrored
 
 CONFIG = """
 keysets:
@@ -76,16 +76,18 @@ def test_workers_get_the_published_copy_whatever_the_operator_does_since(
     operator: Path, tmp_path: Path,
 ) -> None:
     mirror = Mirror(tmp_path / "mirror")
-    mirror.publish(mirror.load(operator))
+    mirror.publish(mirror.load(operator), 7)
     (operator.parent / "keys/p.asc").write_text("edited key")
     operator.write_text("not: [yaml")
     worker = load_mirrored(mirror.pointer, operator)
     assert worker.keysets["partner"].keys[0].file.read_text() == "partner key"
+    assert applied_generation(worker) == 7  # what the worker then reports it serves
     assert worker.files()[0] == operator
     # The operator's edit fails to load: nothing staged, the copy in service unchanged.
     with pytest.raises(ConfigError):
         mirror.load(operator)
-    assert sorted(p.name for p in mirror.directory.iterdir()) == ["current", "g1"]
+    assert sorted(p.name for p in mirror.directory.iterdir()) == [
+        "current", "g1", "g1.generation"]
     assert load_mirrored(mirror.pointer, operator).keysets["partner"].keys[0].file.read_text() \
         == "partner key"
 
@@ -96,10 +98,12 @@ def test_publish_keeps_the_copy_it_replaces_and_drops_older_ones(
     mirror = Mirror(tmp_path / "mirror")
     for _ in range(3):
         staged = mirror.load(operator)
-        mirror.publish(staged)
+        mirror.publish(staged, 1)
         mirror.load(operator)  # staged, never published (its build failed, say)
     assert staged.root is not None and os.readlink(mirror.pointer) == staged.root.name == "g5"
     names = sorted(p.name for p in mirror.directory.iterdir())
-    assert names == ["current", "g3", "g5", "g6"]  # previous, current, the unpublished last
-    mirror.publish(mirror.load(operator))
-    assert sorted(p.name for p in mirror.directory.iterdir()) == ["current", "g5", "g7"]
+    # previous, current (each with its generation), the unpublished last
+    assert names == ["current", "g3", "g3.generation", "g5", "g5.generation", "g6"]
+    mirror.publish(mirror.load(operator), 1)
+    assert sorted(p.name for p in mirror.directory.iterdir()) == [
+        "current", "g5", "g5.generation", "g7", "g7.generation"]

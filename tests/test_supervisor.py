@@ -125,10 +125,21 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             assert len(infos) == 4  # once per key, not once per worker
             assert await get("/readyz") == "ready\n"
 
+            # The workers serve generation 1; the gauge follows them, not the supervisor.
+            status = json.loads(await get("/status"))
+            assert [w["generation"] for w in status["workers"]] == [1, 1]
+            assert total(await get("/metrics"), "gateway_config_generation") == 1
             process.send_signal(signal.SIGHUP)
             for _ in range(3):  # the supervisor validates, then each worker reloads
                 await next_event(process.stderr, "reloaded", generation=2)
             assert json.loads(await get("/status"))["generation"] == 2
+            for _ in range(50):  # the supervisor reads the workers' reports every 0.2 s
+                status = json.loads(await get("/status"))
+                if [w["generation"] for w in status["workers"]] == [2, 2]:
+                    break
+                await asyncio.sleep(0.1)
+            assert [w["generation"] for w in status["workers"]] == [2, 2]
+            await asyncio.sleep(0.5)
             metrics = await get("/metrics")
             assert total(metrics, "gateway_worker_reloads_total", result="success") == 2
             assert total(metrics, "gateway_worker_reloads_total", result="failure") == 0
