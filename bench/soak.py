@@ -629,8 +629,12 @@ def run(args: argparse.Namespace) -> int:
                 lines = log.events(event, since)
                 if expect == "success":
                     lines = [e for e in lines if e.get("generation") == generation + 1]
+                # With workers the generation gauge follows the workers' reports (read by the
+                # supervisor every 0.2 s), which may come a moment after their log lines.
                 if metric(now, "gateway_config_reloads_total", result=expect) > counted \
-                        and len(lines) >= want_lines:
+                        and len(lines) >= want_lines and (
+                            expect != "success"
+                            or metric(now, "gateway_config_generation") > generation):
                     break
                 if metric(now, "gateway_config_reloads_total", result=other) > other_count:
                     break
