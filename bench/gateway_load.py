@@ -125,22 +125,39 @@ def serve_partner() -> int:
         return web.Response(body=answer, content_type="application/json", charset="utf-8")
 
     async def main() -> None:
-        app = web.Application(client_max_size=4 << 20)
-        app.router.add_route("POST", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)
-        assert sockets
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"PORT {sockets[0].getsockname()[1]}", flush=True)
-        await stop.wait()
-        await runner.cleanup()
+        def ready(site: Any) -> str:
+            sockets = getattr(site._server, "sockets", None)
+            assert sockets
+            return f"PORT {sockets[0].getsockname()[1]}"
 
+        await serve_until_signalled(handle, ready, port=0)
+
+    return run_on_uvloop(main)
+
+
+async def serve_until_signalled(handle: Callable[..., Any], ready: Callable[[Any], str], *,
+                                port: int, **site: Any) -> None:
+    """A stand-in server: POSTs to `handle` on 127.0.0.1:`port` (`site`: TCPSite options),
+    `ready(site)` printed once listening, until SIGTERM or SIGINT."""
+    from aiohttp import web
+
+    app = web.Application(client_max_size=4 << 20)
+    app.router.add_route("POST", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    tcp_site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, **site)
+    await tcp_site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(ready(tcp_site), flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def run_on_uvloop(main: Callable[[], Any]) -> int:
+    """Run the coroutine function `main` on uvloop when installed (as the gateway does)."""
     try:
         import uvloop
     except ImportError:
@@ -151,25 +168,24 @@ def serve_partner() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plain proxy: the gateway's stack (uvloop, aiohttp server and client, the same TLS context)
-# forwarding bytes as they come, with no crypto, no logging and no metrics. Its cost per request
-# is what any gateway built on this stack pays before its own work: with the floor, it bounds
-# what such a gateway can reach on this machine (bench/README.md, "The plain-proxy bound").
+# The plain proxy: the gateway's stack (uvloop, aiohttp server and client, the same TLS context
+# and the same upstream session) forwarding bytes as they come, with no crypto, no logging and
+# no metrics. Its cost per request is what any gateway built on this stack pays before its own
+# work: with the floor, it bounds what such a gateway can reach on this machine
+# (bench/README.md, "The plain-proxy bound").
 
 
 def serve_plain_proxy(port: int, upstream: str, cert: str, key: str) -> int:
-    import aiohttp
     from aiohttp import web
 
     from gateway.config import ServerTls
     from gateway.tls import build_server_context
+    from gateway.upstream import upstream_session
 
     context = build_server_context(ServerTls(Path(cert), Path(key)), "plain proxy")
 
     async def main() -> None:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        session = upstream_session()
 
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
@@ -178,29 +194,13 @@ def serve_plain_proxy(port: int, upstream: str, cert: str, key: str) -> int:
                 return web.Response(body=await answer.read(), status=answer.status,
                                     headers={"Content-Type": answer.headers["Content-Type"]})
 
-        app = web.Application(client_max_size=4 << 20)
-        app.router.add_route("POST", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context, backlog=1024,
-                           reuse_port=True)
-        await site.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print("READY", flush=True)
-        await stop.wait()
-        await runner.cleanup()
-        await session.close()
+        try:
+            await serve_until_signalled(handle, lambda site: "READY", port=port,
+                                        ssl_context=context, reuse_port=True)
+        finally:
+            await session.close()
 
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-    return 0
+    return run_on_uvloop(main)
 
 
 # ---------------------------------------------------------------------------------------------
