@@ -23,7 +23,15 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from gateway.config import Config, KeyConfig, KeysetConfig, KeyState, RouteConfig, load_config
+from gateway.config import (
+    Config,
+    KeyConfig,
+    KeysetConfig,
+    KeyState,
+    RouteConfig,
+    load_config,
+    shown_url,
+)
 from gateway.envelope import Opened, Sealed
 from gateway.errors import ConfigError, EngineError, EnvelopeError, GatewayError
 from gateway.jose import generate_jwk, jwe_header, load_jose_keyset
@@ -556,7 +564,7 @@ def _echo(snapshot: Snapshot, route_name: str, account: str) -> int:
         "clientMessage": client_message,
     }).encode("utf-8")
     url = f"{config.upstream.url}/cards-qr-v1/echo/{quote(account, safe='')}"
-    print(f"echo {account} through route '{route_name}' ({config.scheme}) to {url}")
+    print(f"echo {account} through route '{route_name}' ({config.scheme}) to {shown_url(url)}")
     try:
         sealed = route.envelope.seal(request)
     except EnvelopeError as exc:

@@ -574,11 +574,14 @@ async def test_echo_reports_key_ids_both_ways(
 ) -> None:
     assert pgp_google.server is not None
     path = tmp_path / "config.yaml"
-    path.write_text(echo_config(pgp_keys, runtime_dir, pki, pgp_google.server.url + "/gsp",
+    # Credentials in the URL (from a Secret, say) are never printed.
+    url = pgp_google.server.url.replace("://", "://user:TopSecret9@") + "/gsp"
+    path.write_text(echo_config(pgp_keys, runtime_dir, pki, url,
                                 entry(pgp_keys, "partner-a", "sec", "active")))
     ran = await asyncio.to_thread(gateway, capsys, "echo", "--config", str(path), "--route",
                                   "out", "--account", "PIAID-1")
     assert ran.code == 0, ran.out + ran.err
+    assert "TopSecret9" not in ran.out + ran.err and "***@" in ran.out
     [call] = pgp_google.server.calls
     assert call.path == "/gsp/cards-qr-v1/echo/PIAID-1"
     assert call.headers["Content-Type"] == "application/octet-stream; charset=utf-8"
