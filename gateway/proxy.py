@@ -214,9 +214,12 @@ class Proxy:
         """Read the body, then take a processing slot (or 503 if they filled meanwhile)."""
         if request.version >= HttpVersion11 and \
                 request.headers.get("Expect", "").lower() == "100-continue":
-            # Asked for only now, past the method, target and overload checks: a client that
-            # waits for it before sending its body (RFC 9110 10.1.1) gets it. Other
-            # expectations are ignored, as RFC 9110 allows.
+            # Asked for only now, past the method, target and overload checks, and for a body
+            # not declared too large: a client that waits for it before sending its body
+            # (RFC 9110 10.1.1) gets it. Other expectations are ignored, as RFC 9110 allows.
+            if request.content_length is not None and \
+                    request.content_length > limits.max_body_bytes:
+                raise Failure(413, "too_large", "request", {"Connection": "close"})
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await _read_request(request, limits, self.inflight)
         if self.inflight.processing >= limits.inflight:

@@ -534,6 +534,10 @@ def test_expect_100_continue_is_answered_after_the_checks(gateway: Running) -> N
         send(tls, b"GET /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
                   b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
         assert read_answer(tls)[0] == 405  # its first answer, no 100 before it
+    with connect(gateway) as tls:  # a body declared over max_body_bytes (65536): not invited
+        send(tls, b"POST /cards-qr-v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: 65537\r\n\r\n")
+        assert read_answer(tls)[0] == 413
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
