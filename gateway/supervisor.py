@@ -84,7 +84,7 @@ class Supervisor:
         self.mirror.publish(config, snapshot.generation)
         self.current = Current(snapshot, lambda old: None)
         self.reloader = Reloader(config.path, self.current,
-                                 lambda c, g: build_snapshot(c, g, workdir, slots=0),
+                                 self._build,
                                  self.metrics, on_swap=self._swapped, load=self.mirror.load)
         # The workers leave describing the configuration (gauges, expiry warnings) to us; the
         # generation gauge follows what every worker has applied (track_generation).
@@ -164,7 +164,7 @@ class Supervisor:
 
     async def track_generation(self, period: float = 0.2) -> None:
         while True:
-            self.refresh_generation()
+            await asyncio.to_thread(self.refresh_generation)  # reads files: off the loop
             await asyncio.sleep(period)
 
     def not_ready(self) -> str | None:
@@ -173,8 +173,15 @@ class Supervisor:
         ready = all(self._ready_file(i).exists() for i in self.workers)
         return None if ready and self.workers else "starting"
 
+    def _build(self, config: Config, generation: int) -> Snapshot:
+        """Validate a reload's configuration (in the reloader's thread) and publish its copy
+        to the workers: file work, off the event loop. The swap follows at once; the workers
+        are signalled after it."""
+        snapshot = build_snapshot(config, generation, self.workdir, slots=0)
+        self.mirror.publish(config, generation)
+        return snapshot
+
     def _swapped(self, snapshot: Snapshot) -> None:
-        self.mirror.publish(snapshot.config, snapshot.generation)
         describe_keys(self.metrics, snapshot, generation=False)
         warn_about_keys(snapshot)
         for index, process in self.workers.items():
