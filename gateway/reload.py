@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gateway.config import Config, file_digests, files_digest, load_config
@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.snapshot import Current, Snapshot
 
 log = logging.getLogger("gateway.reload")
+_EXPIRY_RETRY = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,13 @@ class Reloader:
         which parts a key uses, and so its expiry, is decided when it is loaded, and a PGP key
         whose newest encryption subkey ran out still has an older one, as gpg would use."""
         if self._expiry is not None and utcnow() >= self._expiry:
-            self._expiry = None  # tried once; a reload that succeeds sets the next one
-            return await self.reload("expiry")
+            self._expiry = None  # a reload that succeeds sets the next one
+            reloaded = await self.reload("expiry")
+            if not reloaded and self._expiry is None:
+                # Failed (a key file unreadable right now, say): the expired key would stay
+                # in use until some other reload; tried again in a minute, each failure logged.
+                self._expiry = utcnow() + _EXPIRY_RETRY
+            return reloaded
         digest = await asyncio.to_thread(files_digest, self._watched)
         if digest == self._seen:
             return None

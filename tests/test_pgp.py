@@ -713,7 +713,12 @@ def test_an_agent_lost_during_a_call_is_retried_once_then_the_engines_failure(
 ) -> None:
     """An agent that died mid-call made gpg fail the decryption or the signature: read as a
     verdict, a valid message got 400 (wrong key, decrypt) and a seal no_key. Once lost: one
-    more call, which works; lost again: EngineError (500)."""
+    more call, which works; lost again: EngineError (500).
+
+    A unit test of the envelope's reading of gpg's status lines and of its retry: the lost
+    call's status lines are the ones gpg 2.2.40 printed when a review killed the agent during
+    calls (a kill lands inside a call only by chance, so a real kill cannot be a reliable
+    test); the retried call is real gpg."""
     envelope = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
     body = gpg_peer.seal(b'{"a": 1}', ["google-a"], ["partner-a"])
     real = envelope._gpg.run

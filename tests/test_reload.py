@@ -24,6 +24,7 @@ import pytest
 import gateway.logs as logs_module
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.reload import listener_changes
 from tests.e2e import (
@@ -293,6 +294,32 @@ async def test_a_config_rewritten_while_it_is_read_is_tried_again(
         assert await gateway.reloader.poll() is True
         assert gateway.current.snapshot.config.warn_expiry_days == 7
         assert await gateway.reloader.poll() is None  # and now it is seen
+
+
+async def test_a_failed_expiry_reload_is_tried_again_a_minute_later(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """The reload made when a key's expiry passes was tried once: if it failed, the expired
+    key stayed in use until some other reload."""
+    google = JoseGoogle(jose_keys, node_jose)
+    async with running_gateway(tmp_path, config(google, runtime_dir, pki,
+                                                 inbound_url=partner.url)) as gateway:
+        reloader = gateway.reloader
+        real = reloader.load
+
+        def unreadable(path: Path) -> Any:
+            raise ConfigError("keysets.google.keys[0].file", "cannot read (test)")
+
+        reloader.load = unreadable
+        reloader._expiry = datetime.now(UTC) - timedelta(seconds=1)
+        assert await reloader.poll() is False
+        assert reloader._expiry is not None
+        assert timedelta(seconds=50) < reloader._expiry - datetime.now(UTC) <= timedelta(minutes=1)
+        reloader.load = real
+        reloader._expiry = datetime.now(UTC) - timedelta(seconds=1)  # the minute has passed
+        assert await reloader.poll() is True
+        assert reloader.last is not None and reloader.last.trigger == "expiry"
 
 
 async def test_polling_counts_the_same_broken_content_once(
