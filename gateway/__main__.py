@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import hangup
-from gateway.config import LOG_LEVELS, load_config, shown_url
+from gateway.config import LOG_LEVELS, Config, load_config, shown_url
 from gateway.errors import ConfigError, EngineError
 from gateway.keys import expiring, valid_too_long
 from gateway.keytool import (
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     writer = setup_logging(args.log_level or config.log_level, pinned=bool(args.log_level))
     try:
-        return _serve(args.config)
+        return _serve(config)  # loaded once (a listener's host is resolved on the way)
     finally:
         writer.stop()  # every line written before `run` returns
 
 
-def _serve(config_path: Path) -> int:
+def _serve(config: Config) -> int:
     _tune_malloc()
     # A core file of this process would hold card data and private keys: none, for it and for
     # every child (gpg and its agents inherit the limit).
@@ -83,7 +83,7 @@ def _serve(config_path: Path) -> int:
     from gateway.app import serve
 
     try:
-        return _run_loop(serve(config_path))
+        return _run_loop(serve(config))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -569,10 +569,10 @@ def load_run_config(config_path: Path) -> Config:
     return load_config(config_path) if worker is None else worker.load_config(config_path)
 
 
-async def serve(config_path: Path) -> int:
-    """`run`: serve until SIGTERM or SIGINT, then drain. Returns the exit status."""
+async def serve(config: Config) -> int:
+    """`run` with `config` (load_run_config's): serve until SIGTERM or SIGINT, then drain.
+    Returns the exit status."""
     worker = WorkerRole.from_environment()
-    config = load_run_config(config_path)
     if worker is None and config.workers > 1:
         return await supervise(config)
     gateway = await build_gateway(config, worker=worker)

@@ -113,7 +113,7 @@ def test_an_unexpected_crash_of_run_is_one_json_line_without_the_message(
 
     secret = "4111111111111111"
 
-    async def crash(path: Path) -> int:
+    async def crash(config: object) -> int:
         raise RuntimeError(f"card {secret}")
 
     monkeypatch.setattr(gateway.app, "serve", crash)
