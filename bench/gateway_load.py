@@ -175,7 +175,9 @@ def run_on_uvloop(main: Callable[[], Any]) -> int:
 # (bench/README.md, "The plain-proxy bound").
 
 
-def serve_plain_proxy(port: int, upstream: str, cert: str, key: str) -> int:
+def serve_plain_proxy(port: int, upstream: str, cert: str, key: str, cpu: str) -> int:
+    if cpu != "-":  # --pin-workers: as the gateway's workers are
+        os.sched_setaffinity(0, {int(cpu)})
     from aiohttp import web
 
     from gateway.config import ServerTls
@@ -348,15 +350,17 @@ class PlainProxy:
     workers do; started once per run, idle while anything else is measured."""
 
     def __init__(self, cleanup: contextlib.ExitStack, log: Path, processes: int,
-                 upstream: str, certs: tuple[Path, ...]) -> None:
+                 upstream: str, certs: tuple[Path, ...], pin: bool) -> None:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.processes: list[subprocess.Popen[bytes]] = []
         with log.open("wb") as err:
-            for _ in range(processes):
+            cpus = sorted(os.sched_getaffinity(0))
+            for index in range(processes):
+                cpu = str(cpus[index % len(cpus)]) if pin else "-"
                 process = subprocess.Popen(
                     [sys.executable, str(Path(__file__).resolve()), "_plain_proxy",
-                     str(self.port), upstream, str(certs[1]), str(certs[2])],
+                     str(self.port), upstream, str(certs[1]), str(certs[2]), cpu],
                     stdout=subprocess.PIPE, stderr=err, start_new_session=True, cwd=REPO)
                 cleanup.callback(stop_process, process)
                 self.processes.append(process)
@@ -776,13 +780,14 @@ class PgpGoogle(Google):
 
 def gateway_config(google: Google, route_port: int, admin_port: int, partner: Partner,
                    runtime: Path, certs: tuple[Path, ...], workers: str,
-                   pgp_engine: str | None = None) -> str:
+                   pgp_engine: str | None = None, pin_workers: bool = False) -> str:
     _, cert, key = certs
     head = f"""\
         admin: {{listen: "127.0.0.1:{admin_port}"}}
         reload: {{interval_s: 0}}
         runtime_dir: "{runtime}"
         workers: {workers}
+        pin_workers: {str(pin_workers).lower()}
         """
     routes = f"""\
         routes:
@@ -890,6 +895,7 @@ class Options:
     log_level: str
     profile: Path | None
     pgp_engine: str | None = None
+    pin_workers: bool = False
 
 
 def slice_seconds(total: float, slices: int, fraction: float = 1.0) -> int:
@@ -924,7 +930,7 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
     route_port, admin_port = free_port(), free_port()
     config = root / f"config-{tag}.yaml"
     config.write_text(gateway_config(google, route_port, admin_port, partner, runtime, certs,
-                                     opts.workers, opts.pgp_engine))
+                                     opts.workers, opts.pgp_engine, opts.pin_workers))
     gateway = GatewayProcess(config, root / f"gateway-{tag}.log", runtime, opts.log_level,
                              opts.workers)
     try:
@@ -1327,8 +1333,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_partner"]:
         return serve_partner()
-    if argv[:1] == ["_plain_proxy"] and len(argv) == 5:
-        return serve_plain_proxy(int(argv[1]), argv[2], argv[3], argv[4])
+    if argv[:1] == ["_plain_proxy"] and len(argv) == 6:
+        return serve_plain_proxy(int(argv[1]), argv[2], argv[3], argv[4], argv[5])
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="Every figure comes from one run; see bench/README.md for what each means.")
@@ -1349,6 +1355,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="load and baselines alternate this many times (default 3)")
     parser.add_argument("--workers", default="1",
                         help="the gateway's `workers` (an integer or auto; default 1)")
+    parser.add_argument("--pin-workers", action="store_true",
+                        help="the gateway's `pin_workers: true` (each worker on one CPU); the "
+                             "plain proxy's processes are pinned alike")
     parser.add_argument("--pool", type=int, default=32, help="pre-sealed requests per case")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
@@ -1376,7 +1385,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gpg is not installed (needed for --scheme pgp)", file=sys.stderr)
         return 1
     opts = Options(args.concurrency, args.seconds, args.slices, args.workers, args.pool,
-                   args.log_level, args.profile, args.pgp_engine)
+                   args.log_level, args.profile, args.pgp_engine, args.pin_workers)
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -1415,8 +1424,9 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
         f"{os.getloadavg()[0]:.2f} at start; the load generator, the partner and the gateway "
         "share them")
     engine = f", pgp.engine: {opts.pgp_engine}" if opts.pgp_engine else ""
+    pin = ", pinned" if opts.pin_workers else ""
     say(f"concurrency {opts.concurrency}, {opts.seconds:g} s of load per case in {opts.slices} "
-        f"slices, workers: {opts.workers}{engine}, log level {opts.log_level}")
+        f"slices, workers: {opts.workers}{pin}{engine}, log level {opts.log_level}")
     say("")
     stop = threading.Event()
     results: list[CaseResult] = []
@@ -1431,7 +1441,7 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
         partner = Partner(cleanup, root / "partner.log")
         plain = PlainProxy(cleanup, root / "plain-proxy.log",
                            cores() if opts.workers == "auto" else int(opts.workers),
-                           partner.url, certs)
+                           partner.url, certs, opts.pin_workers)
         for bits in args.bits:
             say(f"RSA-{bits}: making keys")
             rsa_keys = make_rsa_keys(root, bits)

@@ -28,6 +28,7 @@ from gateway.admin import (
     warn_about_keys,
     warn_daily,
 )
+from gateway.affinity import pin
 from gateway.config import Config, Limits, ServerTls, load_config, usable_cores
 from gateway.logs import count_drops
 from gateway.metrics import Metrics
@@ -575,6 +576,8 @@ async def serve(config: Config) -> int:
     worker = WorkerRole.from_environment()
     if worker is None and config.workers > 1:
         return await supervise(config)
+    if worker is not None and worker.cpu is not None:
+        pin(worker.cpu)  # first: gpg-agents started while building inherit it
     gateway = await build_gateway(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

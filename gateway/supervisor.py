@@ -24,7 +24,8 @@ from gateway.admin import (
     warn_about_keys,
     warn_daily,
 )
-from gateway.config import Config
+from gateway.affinity import allowed_cpus, worker_cpus
+from gateway.config import Config, usable_cores
 from gateway.logs import pinned_level
 from gateway.metrics import Metrics
 from gateway.mirror import Mirror, load_mirrored
@@ -49,6 +50,7 @@ class WorkerRole:
     ports: dict[str, int]
     ready_file: Path
     config_pointer: Path  # the supervisor's mirror of the configuration in service
+    cpu: int | None = None  # pin_workers: the one CPU this worker runs on
 
     def load_config(self, path: Path) -> Config:
         """`path`, the operator's config file, as the supervisor validated it (mirror.py)."""
@@ -60,19 +62,23 @@ class WorkerRole:
         if not text:
             return None
         data = json.loads(text)
+        cpu = data.get("cpu")
         return cls(int(data["index"]), {k: int(v) for k, v in data["ports"].items()},
-                   Path(data["ready_file"]), Path(data["config_pointer"]))
+                   Path(data["ready_file"]), Path(data["config_pointer"]),
+                   None if cpu is None else int(cpu))
 
     def to_environment(self) -> str:
         return json.dumps({"index": self.index, "ports": self.ports,
                            "ready_file": str(self.ready_file),
-                           "config_pointer": str(self.config_pointer)})
+                           "config_pointer": str(self.config_pointer), "cpu": self.cpu})
 
 
 class Supervisor:
-    def __init__(self, config: Config, workdir: Path) -> None:
+    def __init__(self, config: Config, workdir: Path,
+                 cpus: tuple[int, ...] | None = None) -> None:
         self.config = config
         self.workdir = workdir
+        self.cpus = cpus  # pin_workers: each worker's CPU, by index
         self.metrics_dir = workdir / "metrics"
         self.metrics_dir.mkdir(mode=0o700)
         self.metrics = Metrics(role="supervisor")
@@ -114,7 +120,8 @@ class Supervisor:
 
     async def start_worker(self, index: int) -> None:
         self._ready_file(index).unlink(missing_ok=True)
-        role = WorkerRole(index, self.ports, self._ready_file(index), self.mirror.pointer)
+        role = WorkerRole(index, self.ports, self._ready_file(index), self.mirror.pointer,
+                          None if self.cpus is None else self.cpus[index])
         env = {**os.environ, "GATEWAY_WORKER": role.to_environment(),
                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         level = pinned_level()
@@ -143,8 +150,8 @@ class Supervisor:
             await self.start_worker(index)
 
     def worker_states(self) -> list[dict[str, int | None]]:
-        """Each live worker's index, pid and the generation it serves (None until it listens),
-        from the ready file it rewrites after each reload it applied."""
+        """Each live worker's index, pid, the generation it serves (None until it listens), from
+        the ready file it rewrites after each reload it applied, and its CPU (None: unpinned)."""
         states: list[dict[str, int | None]] = []
         for index, process in sorted(self.workers.items()):
             if process.returncode is not None:
@@ -152,7 +159,8 @@ class Supervisor:
             generation = None
             with contextlib.suppress(OSError, ValueError):
                 generation = int(self._ready_file(index).read_text().split()[1])
-            states.append({"index": index, "pid": process.pid, "generation": generation})
+            states.append({"index": index, "pid": process.pid, "generation": generation,
+                           "cpu": None if self.cpus is None else self.cpus[index]})
         return states
 
     def refresh_generation(self) -> None:
@@ -222,8 +230,10 @@ class Supervisor:
 
 async def supervise(config: Config) -> int:
     """`run` with workers > 1: serve until SIGTERM/SIGINT through `config.workers` processes."""
+    cpus = (worker_cpus(config.workers, allowed_cpus(), usable_cores())
+            if config.pin_workers else None)  # refused before anything is made
     workdir = prepare_runtime_dir(config.runtime_dir)
-    supervisor = await asyncio.to_thread(Supervisor, config, workdir)
+    supervisor = await asyncio.to_thread(Supervisor, config, workdir, cpus)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

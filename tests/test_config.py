@@ -65,6 +65,7 @@ def test_minimal_config_gets_the_documented_defaults(base_dir: Path) -> None:
     assert config.limits.max_connections == 1024
     assert config.reload_interval_s == 5
     assert config.workers == 1
+    assert config.pin_workers is False
     assert config.shutdown_timeout_s == 30
     assert config.warn_expiry_days == 30
     route = config.routes[0]
@@ -333,6 +334,14 @@ def test_workers_auto_and_limits(base_dir: Path) -> None:
     assert config.limits.max_body_bytes == 2048 and config.limits.inflight == 3
     assert error_of(base_dir, BASE + "limits: {max_body_bytes: 0}\n") == (
         "limits.max_body_bytes: expected a whole number >= 1, found 0"
+    )
+
+
+def test_pin_workers_is_a_boolean(base_dir: Path) -> None:
+    assert load(base_dir, BASE + "workers: 2\npin_workers: true\n").pin_workers is True
+    # YAML reads `on`/`yes` as true too; a string is refused, not read as true.
+    assert error_of(base_dir, BASE + "pin_workers: auto\n") == (
+        "pin_workers: expected true or false, found 'auto'"
     )
 
 

@@ -19,6 +19,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import supervisor
+from gateway.config import load_config
+from gateway.errors import ConfigError
 from tests.e2e import ANSWER, REQUEST, JoseGoogle, Pki, config
 from tests.jose_fixtures import JoseKeys, NodeJose
 from tests.peers import StandIn, json_answer
@@ -65,6 +68,12 @@ async def killed(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+def thread_cpus(pid: int) -> dict[int, tuple[int, ...]]:
+    """The CPUs each thread of process `pid` may run on."""
+    return {int(task.name): tuple(sorted(os.sched_getaffinity(int(task.name))))
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 def total(metrics: str, name: str, **labels: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
@@ -86,8 +95,10 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
     google = JoseGoogle(jose_keys, node_jose)
     path = tmp_path / "config.yaml"
     path.write_text(textwrap.dedent(config(google, runtime_dir, pki, inbound_url=partner.url,
-                                           top={"workers": 2})))
+                                           top={"workers": 2, "pin_workers": "true"})))
     sealed = await asyncio.to_thread(google.seal, REQUEST)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = [cpus[0], cpus[1 % len(cpus)]]  # worker 0 and worker 1
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "info",
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -128,6 +139,12 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             # The workers serve generation 1; the gauge follows them, not the supervisor.
             status = json.loads(await get("/status"))
             assert [w["generation"] for w in status["workers"]] == [1, 1]
+            # pin_workers: every thread of each worker (the crypto threads started by the
+            # requests above among them) runs on its worker's CPU alone.
+            assert [w["cpu"] for w in status["workers"]] == pinned
+            cpu_of = {state["pid"]: state["cpu"] for state in status["workers"]}
+            for pid, cpu in cpu_of.items():
+                assert set(thread_cpus(pid).values()) == {(cpu,)}
             assert total(await get("/metrics"), "gateway_config_generation") == 1
             process.send_signal(signal.SIGHUP)
             for _ in range(3):  # the supervisor validates, then each worker reloads
@@ -156,6 +173,8 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             assert_each_family_once(await get("/metrics"))
             replaced = children(process.pid)
             assert len(replaced) == 2 and workers[0] not in replaced
+            new = next(pid for pid in replaced if pid not in workers)
+            assert set(thread_cpus(new).values()) == {(cpu_of[workers[0]],)}  # the same CPU
 
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
@@ -276,6 +295,10 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
                 break
             await asyncio.sleep(0.1)
         assert [w["generation"] for w in states] == [2, 2]
+        assert [w["cpu"] for w in states] == [None, None]  # pin_workers is off by default
+        for state in states:
+            assert set(thread_cpus(state["pid"]).values()) == {
+                tuple(sorted(os.sched_getaffinity(0)))}
         # Logged by the supervisor at start and at the reload, not by every worker.
         assert len([e for e in events.seen if e["event"] == "key expires soon"]) == 2
         assert await served() == [200] * 8
@@ -291,3 +314,20 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
     finally:
         await killed(process)
     assert list(runtime_dir.iterdir()) == []
+
+
+async def test_pinning_on_shared_cpus_is_refused_before_anything_starts(
+    jose_keys: JoseKeys, node_jose: NodeJose, runtime_dir: Path, pki: Pki, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 8 CPUs allowed, a quota of 2 cores: a Kubernetes CPU limit on a shared node.
+    monkeypatch.setattr(supervisor, "allowed_cpus", lambda: set(range(8)))
+    monkeypatch.setattr(supervisor, "usable_cores", lambda: 2)
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(config(JoseGoogle(jose_keys, node_jose), runtime_dir, pki,
+                                           inbound_url="http://127.0.0.1:1",
+                                           top={"workers": 2, "pin_workers": "true"})))
+    with pytest.raises(ConfigError) as info:
+        await supervisor.supervise(load_config(path))
+    assert str(info.value).startswith("pin_workers: the CPU quota allows 2 core(s) of the 8")
+    assert list(runtime_dir.iterdir()) == []  # no runtime dir, no worker, no listener
