@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics
@@ -211,3 +216,44 @@ async def test_crypto_failures_are_counted_by_reason(
         op = "seal" if reason == "no_key" else "open"
         assert value(metrics, "gateway_crypto_failures_total", route="in", op=op,
                      reason=reason) == 1, reason
+
+
+WORKER_METRICS = textwrap.dedent("""\
+    import os, sys
+    from pathlib import Path
+    from gateway.metrics import Metrics
+    metrics = Metrics(role="worker")
+    requests = metrics.requests.labels("in", "inbound", "200")
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(1)
+                   if event == "c_call" and arg is os.getpid else None)
+    for _ in range(100):
+        requests.inc()
+    sys.setprofile(None)
+    assert calls == [], f"{len(calls)} getpid calls"
+    child = os.fork()
+    if child == 0:  # a forked child writes its own file, not its parent's
+        requests.inc()
+        os._exit(0)
+    os.waitpid(child, 0)
+    print(os.getpid(), child)
+""")
+
+
+def test_a_worker_writes_its_own_pid_file_without_asking_for_the_pid_each_time(
+    tmp_path: Path,
+) -> None:
+    """prometheus-client's multiprocess mode calls getpid on every inc; a worker's values use
+    its pid as known (refreshed in a forked child), and still land in that process's file."""
+    done = subprocess.run([sys.executable, "-c", WORKER_METRICS], capture_output=True,
+                          text=True, timeout=60, env={**os.environ,
+                                                      "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    parent, child = done.stdout.split()
+    collected = CollectorRegistry()
+    MultiProcessCollector(collected, path=str(tmp_path))
+    samples = {(s.labels.get("pid"), s.value) for f in collected.collect() for s in f.samples
+               if s.name == "gateway_requests_total"}
+    assert sum(value for _, value in samples) == 101
+    assert sorted(p.name for p in tmp_path.glob("counter_*.db")) == sorted(
+        [f"counter_{parent}.db", f"counter_{child}.db"])
