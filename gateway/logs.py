@@ -10,11 +10,13 @@ bounded (QUEUE_RECORDS): while it is full, records are dropped, never waited for
 (`gateway_log_records_dropped_total`); once the writer catches up it says how many it lost in a
 "log records dropped" line.
 
-The writer takes what is queued as one batch, writes it with one flush, then lingers
-(LINGER_S) before it waits again: a lone record is written at once, and under load records
-gather while it lingers, so a request's log line rarely has to wake the writer (a futex wake,
-and a context switch, per line otherwise) and a batch costs one write system call, not one per
-line. A line is thus written at most LINGER_S after it was logged.
+The writer takes what is queued as one batch and writes it in as few writes as stay atomic
+on a pipe (PIPE_BUF bytes of whole lines: workers share their supervisor's stderr). When the
+queue is then empty it lingers (LINGER_S) before it waits again: a lone record is written at
+once, and under load records gather while it lingers, so a request's log line rarely has to
+wake the writer (a futex wake and a context switch per line otherwise) and a system call
+carries many lines. A line is thus written at most LINGER_S after it was logged, unless stderr
+is slower than the lines come.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import json
 import logging
 import logging.handlers
 import queue
+import select
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TextIO
@@ -128,26 +131,25 @@ class _Writer(logging.handlers.QueueListener):
             self._write([r for r in batch if r is not None])
             if done:
                 return
-            time.sleep(LINGER_S)
+            if records.empty():  # with a backlog, on at once
+                time.sleep(LINGER_S)
 
     def _write(self, batch: list[logging.LogRecord]) -> None:
         """One line per record, and a "log records dropped" line if any were dropped since the
-        last batch; one write and one flush for them all."""
+        last batch; written in as few writes as PIPE_BUF allows (_chunks)."""
         dropped = self._outbox.take_unreported()
         if dropped:
             note = logging.LogRecord("gateway.logs", logging.WARNING, __file__, 0,
                                      "log records dropped", None, None)
             note.fields = {"count": dropped, "reason": "stderr was not keeping up"}
             batch.append(note)
-        if not batch:
-            return
-        text = "".join(self._line(record) + "\n" for record in batch)
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError):  # stderr closed or gone: the lines are lost, and counted
-            for _ in batch:
-                self._outbox.on_drop()
+        for lines, text in _chunks([self._line(record) + "\n" for record in batch]):
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # stderr closed or gone: the lines are lost, counted
+                for _ in range(lines):
+                    self._outbox.on_drop()
 
     def _line(self, record: logging.LogRecord) -> str:
         try:
@@ -156,6 +158,24 @@ class _Writer(logging.handlers.QueueListener):
             # Its type only: the record's own text may hold what a log must not.
             return json.dumps({"level": "error", "event": "log record could not be written",
                                "logger": record.name, "exception": type(exc).__name__})
+
+
+def _chunks(lines: list[str]) -> Iterator[tuple[int, str]]:
+    """Whole lines joined into texts of at most PIPE_BUF bytes (a longer line alone), with
+    their line counts. Workers share their supervisor's stderr, often a pipe: a write of up to
+    PIPE_BUF bytes is atomic there, a longer one may be split around another process's lines,
+    which would break the one-JSON-object-per-line contract."""
+    count, size = 0, 0
+    parts: list[str] = []
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+        if parts and size + length > select.PIPE_BUF:
+            yield count, "".join(parts)
+            count, size, parts = 0, 0, []
+        count, size = count + 1, size + length
+        parts.append(line)
+    if parts:
+        yield count, "".join(parts)
 
 
 _outbox: _Outbox | None = None

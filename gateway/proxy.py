@@ -185,11 +185,15 @@ class Proxy:
             if response.headers.get("Connection") == "close":
                 response.force_close()  # aiohttp keeps the connection open despite the header
             elapsed = time.perf_counter() - started
+        # Answered first, counted and logged after: the client does not wait for them (nor, at
+        # low load, for the log writer's thread, which a log line wakes).
+        try:
+            await self._send(request, response, limits.send_timeout_s)
+        finally:
             self.metrics.requests.labels(self.route_name, direction, str(response.status)).inc()
             self.metrics.request_duration.labels(self.route_name, direction).observe(elapsed)
             record.update(status=response.status, duration_ms=round(elapsed * 1000, 2))
             log.info("request", extra={"fields": record})
-        await self._send(request, response, limits.send_timeout_s)
         return response
 
     async def _send(self, request: web.BaseRequest, response: web.StreamResponse,

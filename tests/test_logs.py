@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import textwrap
@@ -233,7 +234,21 @@ def test_records_queued_meanwhile_are_written_in_one_batch() -> None:
     stream.drain()
     writer.stop()
     assert [json.loads(line)["i"] for line in stream.getvalue().splitlines()] == list(range(101))
-    assert [text.count("\n") for text in stream.writes] == [1, 100]
+    # The first line alone, then the 100 in as few writes as stay atomic on a pipe.
+    assert stream.writes[0].count("\n") == 1
+    rest = stream.writes[1:]
+    assert all(t.endswith("\n") and len(t.encode()) <= select.PIPE_BUF for t in rest)
+    assert len(rest) == -(-len("".join(rest).encode()) // select.PIPE_BUF)
+
+
+def test_a_batch_is_cut_at_pipe_buf_between_whole_lines() -> None:
+    """Workers share their supervisor's stderr: a write up to PIPE_BUF bytes is atomic on a
+    pipe, so no other process's line lands inside one of ours."""
+    short, accented, long = "a" * 99 + "\n", "é" * 999 + "\n", "b" * 5000 + "\n"
+    chunks = list(logs._chunks([short] * 50 + [long] + [accented] * 3))
+    assert [count for count, _ in chunks] == [40, 10, 1, 2, 1]
+    assert all(len(text.encode()) <= select.PIPE_BUF for _, text in chunks if long not in text)
+    assert "".join(text for _, text in chunks) == short * 50 + long + accented * 3
 
 
 @pytest.mark.parametrize("google", ["jose"], indirect=True)
