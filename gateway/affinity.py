@@ -2,8 +2,8 @@
 
 A worker hands every seal and open from its event loop to its crypto thread and back. Between
 threads on two CPUs each hand-off wakes the other CPU (an inter-processor interrupt, costly in a
-VM); on one CPU it is a plain context switch. On 2 cores, JOSE 2048 1 KiB with `workers: auto`:
-~86 -> ~33 us of CPU per idle hand-off, and +20-26 % round trips per second (bench/README.md).
+VM); on one CPU it is a plain context switch: ~86 -> ~33 us of CPU per idle hand-off on the
+benchmark VM (bench/README.md).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import contextlib
 import os
 from collections.abc import Iterable
 
-from gateway.config import usable_cores
+from gateway.config import Config, cpu_quota, usable_cores
 from gateway.errors import ConfigError
 
-__all__ = ["allowed_cpus", "pin", "worker_cpus"]
+__all__ = ["allowed_cpus", "pin", "planned_cpus", "worker_cpus"]
 
 
 def allowed_cpus() -> set[int]:
@@ -23,23 +23,39 @@ def allowed_cpus() -> set[int]:
     return os.sched_getaffinity(0)
 
 
-def worker_cpus(workers: int, allowed: Iterable[int], cores: int) -> tuple[int, ...]:
+def planned_cpus(config: Config) -> tuple[int, ...] | None:
+    """Each worker's CPU when `config` pins workers on this machine, else None (pin_workers
+    off, or a single process). Raises ConfigError when pinning cannot be done well here."""
+    if not config.pin_workers or config.workers < 2:
+        return None
+    return worker_cpus(config.workers, allowed_cpus(), cpu_quota())
+
+
+def worker_cpus(workers: int, allowed: Iterable[int], quota: float | None) -> tuple[int, ...]:
     """The CPU of each worker: the allowed CPUs in order, round-robin.
 
-    `cores` is what the process may use (usable_cores: its affinity capped by a CPU quota).
-    Raises ConfigError when the quota is below the allowed CPUs: the CPUs are then shared with
-    other containers (a Kubernetes CPU limit without the static CPU manager), and pinning would
-    put every such pod's workers on the same first CPUs."""
+    `quota` is the cgroup's CPU quota in cores (None: none). Raises ConfigError when
+    - the quota is below the allowed CPUs: they are shared with other containers (a Kubernetes
+      CPU limit without the static CPU manager), and every such pod would pin its workers to
+      the same first CPUs;
+    - there are fewer workers than allowed CPUs: the others would stay idle, while each worker
+      runs the crypto threads sized for its share of all of them on one CPU."""
     cpus = sorted(allowed)
     if not cpus:
         raise ConfigError("pin_workers", "this process may run on no CPU")
-    if cores < len(cpus):
+    if quota is not None and quota < len(cpus):
         raise ConfigError(
             "pin_workers",
-            f"the CPU quota allows {cores} core(s) of the {len(cpus)} CPUs this process may run "
-            "on: they are shared, so pinning would crowd the workers onto CPUs others use. "
+            f"the CPU quota of {quota:g} cores is below the {len(cpus)} CPUs this process may "
+            "run on: they are shared, so pinning would crowd the workers onto CPUs others use. "
             "Pin only with exclusive CPUs (Kubernetes: the static CPU manager policy and "
             "integer CPU requests equal to limits), or set pin_workers: false",
+        )
+    if workers < len(cpus):
+        raise ConfigError(
+            "pin_workers",
+            f"{workers} workers on {len(cpus)} CPUs: pinned, {len(cpus) - workers} would stay "
+            "idle. Set workers: auto (one per CPU), or pin_workers: false",
         )
     return tuple(cpus[index % len(cpus)] for index in range(workers))
 

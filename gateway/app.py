@@ -578,6 +578,8 @@ async def serve(config: Config) -> int:
         return await supervise(config)
     if worker is not None and worker.cpu is not None:
         pin(worker.cpu)  # first: gpg-agents started while building inherit it
+    elif worker is None and config.pin_workers:
+        log.warning("pin_workers has no effect with workers 1: it binds worker processes")
     gateway = await build_gateway(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -224,18 +224,26 @@ class Config:
 @functools.cache
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
-    Kubernetes CPU limit), at least 1. Read once per process: it is asked on every request."""
+    Kubernetes CPU limit) rounded up, at least 1. Read once per process: it is asked on every
+    request."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cpu_quota() -> float | None:
+    """This cgroup's CPU quota in cores (cgroup v2 `cpu.max`: a Kubernetes CPU limit), or None
+    when there is none or it cannot be read (cgroup v1 is not read)."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def files_digest(paths: tuple[Path, ...]) -> str:

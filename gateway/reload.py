@@ -161,7 +161,7 @@ def listener_changes(old: Config, new: Config) -> list[str]:
         changes.append(f"admin.listen {old.admin_listen} -> {new.admin_listen}")
     if old.workers != new.workers:
         changes.append(f"workers {old.workers} -> {new.workers}")
-    if old.pin_workers != new.pin_workers:
+    if old.pin_workers != new.pin_workers and max(old.workers, new.workers) > 1:
         changes.append(f"pin_workers {old.pin_workers} -> {new.pin_workers}".lower())
     if old.runtime_dir != new.runtime_dir:
         changes.append(f"runtime_dir {old.runtime_dir} -> {new.runtime_dir}: the GnuPG homes "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.affinity import planned_cpus
 from gateway.config import Config, RouteConfig
 from gateway.envelope import Envelope, EnvelopePool
 from gateway.errors import ConfigError
@@ -54,6 +55,10 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
     TLS contexts. PGP routes get `slots` GnuPG homes (one per crypto thread: a single gpg-agent
     is a bottleneck); `slots` 0 validates everything but builds no envelope. Raises
     ConfigError naming the place; on failure nothing is left behind."""
+    # Checked with everything else, so that `check` and a reload that turns pin_workers on
+    # refuse what `run` would refuse at the next start. (A pinned worker sees only its own CPU
+    # here, which passes.)
+    planned_cpus(config)
     keysets: dict[str, Keyset] = {}
     native: dict[str, Keyset] = {}  # pgp keysets as the native engine parsed them
     routes: dict[str, RouteRuntime] = {}

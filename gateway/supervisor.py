@@ -24,8 +24,8 @@ from gateway.admin import (
     warn_about_keys,
     warn_daily,
 )
-from gateway.affinity import allowed_cpus, worker_cpus
-from gateway.config import Config, usable_cores
+from gateway.affinity import planned_cpus
+from gateway.config import Config
 from gateway.logs import pinned_level
 from gateway.metrics import Metrics
 from gateway.mirror import Mirror, load_mirrored
@@ -230,8 +230,7 @@ class Supervisor:
 
 async def supervise(config: Config) -> int:
     """`run` with workers > 1: serve until SIGTERM/SIGINT through `config.workers` processes."""
-    cpus = (worker_cpus(config.workers, allowed_cpus(), usable_cores())
-            if config.pin_workers else None)  # refused before anything is made
+    cpus = planned_cpus(config)  # refused before anything is made
     workdir = prepare_runtime_dir(config.runtime_dir)
     supervisor = await asyncio.to_thread(Supervisor, config, workdir, cpus)
     loop = asyncio.get_running_loop()
