@@ -8,6 +8,7 @@ become gateway errors in `_jwcrypto` alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import zlib
@@ -100,6 +101,26 @@ def _decoded(parts: list[bytes]) -> list[bytes] | None:
 
 def _header(members: dict[str, Any]) -> bytes:
     return b64url.encode(json.dumps(members, separators=(",", ":")).encode("utf-8"))
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_header(*members: tuple[str, str]) -> bytes:
+    """_header of string members that repeat from message to message (algorithms and kids from
+    the configuration), encoded once."""
+    return _header(dict(members))
+
+
+_MAKERS: dict[str, Callable[[str], Any]] = {
+    "sign": JWA.signing_alg, "wrap": JWA.keymgmt_alg, "content": JWA.encryption_alg,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _algorithm(kind: str, name: str) -> Any:
+    """jwcrypto's object for an algorithm, made once and shared by every thread: jwcrypto's
+    algorithm classes set their attributes in __init__ only, so an operation changes nothing in
+    them. Names reach here only past the accept-lists."""
+    return _MAKERS[kind](name)
 
 
 def _show(value: object) -> str:
@@ -269,11 +290,13 @@ def _read_jwk(config: KeyConfig, place: str) -> Any:
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError(f"duplicate member {_show(name)}")
-        result[name] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # the rare case: find the name to report
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"duplicate member {_show(name)}")
+            seen.add(name)
     return result
 
 
@@ -421,16 +444,18 @@ class JoseEnvelope:
         with _jwcrypto(
             lambda: EngineError(f"jwcrypto failed to seal with '{signer.id}' to '{recipient.id}'")
         ):
-            jws_header = _header({"alg": opts.sign_alg, "kid": signer.id})
+            jws_header = _fixed_header(("alg", opts.sign_alg), ("kid", signer.id))
             signing_input = jws_header + b"." + b64url.encode(plaintext)
-            signature = JWA.signing_alg(opts.sign_alg).sign(signer.material, signing_input)
+            signature = _algorithm("sign", opts.sign_alg).sign(signer.material, signing_input)
             jws = signing_input + b"." + b64url.encode(signature)
-            wrap = JWA.keymgmt_alg(opts.key_alg)
-            content = JWA.encryption_alg(opts.enc)
+            wrap = _algorithm("wrap", opts.key_alg)
+            content = _algorithm("content", opts.enc)
             header: dict[str, Any] = {"alg": opts.key_alg, "enc": opts.enc, "kid": recipient.id}
             wrapped = wrap.wrap(recipient.material, content.wrap_key_size, None, header)
-            header.update(wrapped.get("header", {}))  # ECDH-ES: the ephemeral key, `epk`
-            protected = _header(header)
+            if "header" in wrapped:  # ECDH-ES: the ephemeral key, `epk`, new each time
+                protected = _header({**header, **wrapped["header"]})
+            else:
+                protected = _fixed_header(*header.items())
             iv, ciphertext, tag = content.encrypt(wrapped["cek"], protected, jws)
         body = b".".join(
             [protected, *(b64url.encode(p) for p in (wrapped.get("ek", b""), iv, ciphertext, tag))]
@@ -626,8 +651,8 @@ def _decrypt_with(key: Key, jwe: _Jwe) -> bytes:
     params = {name: header[name] for name in ("alg", "enc", "epk", "apu", "apv") if name in header}
     with _jwcrypto(lambda: DecryptError(
             f"own key '{key.id}' does not unwrap this JWE's content key ({header['alg']})")):
-        wrap = JWA.keymgmt_alg(header["alg"])
-        content = JWA.encryption_alg(header["enc"])
+        wrap = _algorithm("wrap", header["alg"])
+        content = _algorithm("content", header["enc"])
     try:
         with _jwcrypto(lambda: DecryptError(
                 f"own key '{key.id}' does not unwrap this JWE's content key ({header['alg']})")):
@@ -651,7 +676,7 @@ def _verify_with(key: Key, alg: str, signing_input: bytes, signature: bytes) -> 
     """Raises SignatureError unless `signature` is `key`'s over `signing_input`. `alg` was
     checked against the route's accept-list and the key's type first."""
     with _jwcrypto(lambda: SignatureError(f"bad signature by peer key '{key.id}'")):
-        JWA.signing_alg(alg).verify(key.material, signing_input, signature)
+        _algorithm("sign", alg).verify(key.material, signing_input, signature)
 
 
 def _inflate(data: bytes, limit: int) -> bytes:

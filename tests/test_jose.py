@@ -440,6 +440,8 @@ def test_round_trip_ec(jose_keys: JoseKeys, key_alg: str, enc: str) -> None:
     google = jose_envelope(jose_keys, EC_OWN, EC_PUBLIC, options)
     sealed = google.seal(PLAINTEXT)
     assert jwe_header(sealed.body)["epk"]["crv"] == "P-256"
+    # A fresh ephemeral key for every message (the RSA headers are encoded once and reused).
+    assert jwe_header(google.seal(PLAINTEXT).body)["epk"] != jwe_header(sealed.body)["epk"]
     opened = google.open(sealed.body)  # an envelope talking to itself: own and peer are alike
     assert opened.plaintext == PLAINTEXT
     assert (opened.decrypted_by, opened.verified_by) == (("partner-enc-ec",), ("partner-sig-ec",))
@@ -653,10 +655,17 @@ def test_rotation_matrix(
 # Concurrency
 
 
-def test_seal_and_open_from_many_threads(jose_keys: JoseKeys) -> None:
-    # Fresh keysets, so that the first uses of each key race too.
-    partner = jose_envelope(jose_keys, PARTNER_OWN, GOOGLE_PUBLIC)
-    google = jose_envelope(jose_keys, GOOGLE_OWN, PARTNER_PUBLIC)
+@pytest.mark.parametrize("ec", [False, True], ids=["rsa", "ec"])
+def test_seal_and_open_from_many_threads(jose_keys: JoseKeys, ec: bool) -> None:
+    # Fresh keysets, so that the first uses of each key race too; jwcrypto's algorithm objects
+    # are shared by every thread (jose._algorithm).
+    if ec:
+        options = JoseOptions(sign_alg="ES256", key_alg="ECDH-ES+A128KW", enc="A128CBC-HS256",
+                              accept_encs=("A128CBC-HS256",))
+        partner = google = jose_envelope(jose_keys, EC_OWN, EC_PUBLIC, options)
+    else:
+        partner = jose_envelope(jose_keys, PARTNER_OWN, GOOGLE_PUBLIC)
+        google = jose_envelope(jose_keys, GOOGLE_OWN, PARTNER_PUBLIC)
     failures: list[BaseException] = []
     barrier = threading.Barrier(8)
 
