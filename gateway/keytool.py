@@ -637,7 +637,7 @@ async def _post(route: RouteRuntime, url: str, body: bytes, cap: int) -> tuple[i
                 raise _Failed(f"Google's answer is over limits.max_body_bytes ({cap})")
             return response.status, response.headers.get("Content-Type", ""), answer
     except TimeoutError:
-        raise _Failed(f"no answer from {url} within {upstream.timeout_s:g} s "
+        raise _Failed(f"no answer from {shown_url(url)} within {upstream.timeout_s:g} s "
                       f"({route.config.place}.upstream.timeout_s)") from None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise _Failed(f"TLS: the upstream's certificate is not trusted "
@@ -650,7 +650,7 @@ async def _post(route: RouteRuntime, url: str, body: bytes, cap: int) -> tuple[i
         raise _Failed(f"cannot connect to {exc.host}:{exc.port} ({exc.strerror or exc})") \
             from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise _Failed(f"the exchange with {url} failed ({type(exc).__name__})") from None
+        raise _Failed(f"the exchange with {shown_url(url)} failed ({type(exc).__name__})") from None
 
 
 def _ssl_reason(error: Exception) -> str:

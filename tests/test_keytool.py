@@ -630,6 +630,30 @@ async def test_echo_fails_precisely_on_tls_and_route_mistakes(
     assert ran.code == 2 and "route 'in' is inbound" in ran.err
 
 
+async def test_echo_errors_never_show_url_credentials(
+    capsys: pytest.CaptureFixture[str], pgp_keys: PgpKeys, runtime_dir: Path, tmp_path: Path,
+) -> None:
+    """An upstream that hangs up at once: the error names the URL, masked like the first line."""
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        path = tmp_path / "config.yaml"
+        peer = entry(pgp_keys, "google-a", "pub", "active")
+        path.write_text(pgp_config(pgp_keys, runtime_dir,
+                                   entry(pgp_keys, "partner-a", "sec", "active"), peer,
+                                   upstream=f"http://user:TopSecret9@127.0.0.1:{port}/gsp"))
+        ran = await asyncio.to_thread(gateway, capsys, "echo", "--config", str(path), "--route",
+                                      "out", "--account", "PIAID-1")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert ran.code == 1 and "the exchange with http://***@127.0.0.1" in ran.err, ran.err
+    assert "TopSecret9" not in ran.out + ran.err
+
+
 async def test_jose_echo_against_panva_jose(
     capsys: pytest.CaptureFixture[str], jose_keys: JoseKeys, node_jose: NodeJose,
     runtime_dir: Path, pki: Pki, tmp_path: Path,
