@@ -187,9 +187,12 @@ class Proxy:
             elapsed = time.perf_counter() - started
         # Answered first, counted and logged after: the client does not wait for them (nor, at
         # low load, for the log writer's thread, which a log line wakes).
+        unsent: str | None = "unfinished"  # cancelled while sending
         try:
-            await self._send(request, response, limits.send_timeout_s)
+            unsent = await self._send(request, response, limits.send_timeout_s)
         finally:
+            if unsent is not None:  # the status below was decided, not delivered
+                record["unsent"] = unsent
             self.metrics.requests.labels(self.route_name, direction, str(response.status)).inc()
             self.metrics.request_duration.labels(self.route_name, direction).observe(elapsed)
             record.update(status=response.status, duration_ms=round(elapsed * 1000, 2))
@@ -197,11 +200,12 @@ class Proxy:
         return response
 
     async def _send(self, request: web.BaseRequest, response: web.StreamResponse,
-                    timeout: float) -> None:
+                    timeout: float) -> str | None:
         """Send the answer here rather than leave it to aiohttp, which waits for a client to
         take it for ever: one that pipelines requests and never reads held its connection,
         and with enough of them every max_connections slot. Past `timeout` the connection is
-        dropped (aiohttp's own prepare and write_eof are then no-ops)."""
+        dropped. Returns why the answer was not delivered ("send_timeout", "client_gone"), or
+        None once it was handed to the connection."""
         try:
             async with asyncio.timeout(timeout):
                 await response.prepare(request)
@@ -210,8 +214,10 @@ class Proxy:
             self.metrics.connections_closed.labels(self.route_name, "send_timeout").inc()
             if request.transport is not None:
                 request.transport.abort()
+            return "send_timeout"
         except ConnectionError:
-            pass  # the client went away: aiohttp closes the connection
+            return "client_gone"  # aiohttp closes the connection
+        return None
 
     async def _admitted(self, request: web.BaseRequest, route: RouteRuntime, limits: Limits,
                         record: dict[str, Any]) -> web.Response:

@@ -336,7 +336,7 @@ def never_reading(port: int, pki: Pki, one: bytes, count: int) -> None:
 
 async def test_a_client_that_never_reads_its_answers_is_dropped(
     partner: StandIn, runtime_dir: Path, pki: Pki, tmp_path: Path,
-    request: pytest.FixtureRequest,
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Requests pipelined by clients that never read their answers held their connections
     for ever, and with them every max_connections slot: Google was refused."""
@@ -344,6 +344,7 @@ async def test_a_client_that_never_reads_its_answers_is_dropped(
         request, partner, runtime_dir, pki, "max_connections: 2, send_timeout_s: 1")
     # Enough answers (~15 MB) to fill every buffer on the way, the kernel's included.
     one, count = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", 100_000
+    caplog.set_level(logging.INFO, logger="gateway")
     async with running_gateway(tmp_path, text) as gateway:
         port = gateway.routes["in"].port
         stuck = [asyncio.create_task(asyncio.to_thread(never_reading, port, pki, one, count))
@@ -352,6 +353,11 @@ async def test_a_client_that_never_reads_its_answers_is_dropped(
         metrics = gateway.metrics.render().decode()
         status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
     assert 'gateway_connections_closed_total{reason="send_timeout",route="in"} 2.0' in metrics
+    # Their request lines say that the status they carry never reached the client.
+    unsent = [getattr(r, "fields", {}).get("unsent") for r in caplog.records
+              if r.getMessage() == "request"]
+    assert unsent.count("send_timeout") == 2
+    assert set(unsent) <= {None, "send_timeout", "client_gone"}  # pipelined after the drop
     assert status == 200
     assert (await asyncio.to_thread(google.open, body))[0] == ANSWER
 
