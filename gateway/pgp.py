@@ -1055,7 +1055,13 @@ class PgpEnvelope:
             raise EngineError(f"gpg did not import key '{key.id}'")
 
     def _preset_passphrases(self) -> None:
-        for key in self.own.enabled():
+        """Give the home's agent our passphrases, starting it first if it is gone (presetting
+        does not start one; a dead agent made it fail, and a retry never ran)."""
+        keys = [key for key in self.own.enabled() if key.material.passphrase is not None]
+        if keys:
+            _tool(["gpgconf", "--homedir", str(self.home), "--launch", "gpg-agent"], self.home,
+                  self.timeout_s)
+        for key in keys:
             _preset(self.home, key.material.keygrips, key.material.passphrase, self.timeout_s)
 
     def _run(self, args: list[str], data: bytes, *, bounded: bool = False) -> _Status:

@@ -706,10 +706,12 @@ class Said:
         return "exit 2"
 
 
+@pytest.mark.parametrize("own", ["partner-a", "partner-pw"])  # partner-pw: a passphrase
 @pytest.mark.parametrize("op", ["open", "seal"])
 @pytest.mark.parametrize("times", [1, 2])
 def test_an_agent_lost_during_a_call_is_retried_once_then_the_engines_failure(
     pgp_envelope: Callable[..., PgpEnvelope], gpg_peer: GpgPeer, op: str, times: int,
+    own: str,
 ) -> None:
     """An agent that died mid-call made gpg fail the decryption or the signature: read as a
     verdict, a valid message got 400 (wrong key, decrypt) and a seal no_key. Once lost: one
@@ -718,15 +720,19 @@ def test_an_agent_lost_during_a_call_is_retried_once_then_the_engines_failure(
     A unit test of the envelope's reading of gpg's status lines and of its retry: the lost
     call's status lines are the ones gpg 2.2.40 printed when a review killed the agent during
     calls (a kill lands inside a call only by chance, so a real kill cannot be a reliable
-    test); the retried call is real gpg."""
-    envelope = pgp_envelope([("partner-a", "sec", "active")], [("google-a", "pub", "active")])
-    body = gpg_peer.seal(b'{"a": 1}', ["google-a"], ["partner-a"])
+    test); the agent is really killed each time, and the retried call is real gpg. A
+    protected key's passphrase must then reach the new agent: presetting it used to fail,
+    because nothing had started that agent yet."""
+    envelope = pgp_envelope([(own, "sec", "active")], [("google-a", "pub", "active")])
+    body = gpg_peer.seal(b'{"a": 1}', ["google-a"], [own])
     real = envelope._gpg.run
     calls = []
 
     def run(args: list[str], data: bytes, **limits: Any) -> Any:
         calls.append(args)
         if len(calls) <= times:
+            subprocess.run(["gpgconf", "--homedir", str(envelope.home), "--kill", "gpg-agent"],
+                           check=True, timeout=30)
             return Said(list(AGENT_LOST[op]))
         return real(args, data, **limits)
 
@@ -738,7 +744,7 @@ def test_an_agent_lost_during_a_call_is_retried_once_then_the_engines_failure(
         elif op == "open":
             assert envelope.open(body).plaintext == b'{"a": 1}'
         else:
-            assert envelope.seal(b'{"a": 1}').signed_by == ("partner-a",)
+            assert envelope.seal(b'{"a": 1}').signed_by == (own,)
     finally:
         envelope._gpg.run = real
     assert len(calls) == 2
