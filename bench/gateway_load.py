@@ -357,7 +357,8 @@ class PlainProxy:
         with log.open("wb") as err:
             cpus = sorted(os.sched_getaffinity(0))
             for index in range(processes):
-                cpu = str(cpus[index % len(cpus)]) if pin else "-"
+                # As the gateway: pin_workers pins worker processes, of which 1 makes none.
+                cpu = str(cpus[index % len(cpus)]) if pin and processes > 1 else "-"
                 process = subprocess.Popen(
                     [sys.executable, str(Path(__file__).resolve()), "_plain_proxy",
                      str(self.port), upstream, str(certs[1]), str(certs[2]), cpu],

@@ -420,7 +420,9 @@ async def _read_request(request: web.BaseRequest, limits: Limits, inflight: Infl
             body = await _read_capped(request.content, request.content_length,
                                       limits.max_body_bytes, arriving)
     except _BodyTooLarge:
-        raise Failure(413, "too_large", "request") from None
+        # Closed, as when the declared length was refused before 100 Continue: the rest of the
+        # body is not read, and lingering to discard it only costs.
+        raise Failure(413, "too_large", "request", {"Connection": "close"}) from None
     except TimeoutError:
         raise Failure(408, "request_timeout", "request", {"Connection": "close"}) from None
     except (HttpProcessingError, web.RequestPayloadError):

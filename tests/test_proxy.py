@@ -162,8 +162,8 @@ async def test_inbound_body_over_the_limit_is_413(
     text = config(google, runtime_dir, pki, inbound_url=partner.url,
                   limits=f"limits: {{max_body_bytes: {len(sealed) - 1}}}")
     async with running_gateway(tmp_path, text) as gateway:
-        status, _, body = await post(gateway, "in", sealed, ctx=pki.client_context())
-    assert (status, body) == (413, b"")
+        status, headers, body = await post(gateway, "in", sealed, ctx=pki.client_context())
+    assert (status, body, headers.get("Connection")) == (413, b"", "close")
     assert partner.calls == []
 
 
