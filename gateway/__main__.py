@@ -17,7 +17,7 @@ from typing import Any
 from gateway import hangup
 from gateway.config import LOG_LEVELS, Config, load_config, shown_url
 from gateway.errors import ConfigError, EngineError
-from gateway.keys import expiring, valid_too_long
+from gateway.keys import days_left, expiring, valid_too_long
 from gateway.keytool import (
     UsageError,
     echo,
@@ -228,11 +228,10 @@ def _check(path: Path) -> int:
         for key in keyset.keys:
             expiry = key.expires.strftime("%Y-%m-%dT%H:%M:%SZ") if key.expires else "never"
             note = ""
-            if key.expires and key.expires <= now:
+            if key.expired(now):
                 note = "  EXPIRED"
             elif key.expires and id(key) in soon:
-                days = (key.expires - now).days
-                note = f"  WARNING: expires in {days} days"
+                note = f"  WARNING: expires in {int(days_left(key, now) or 0)} days"
                 warnings += 1
             elif valid_too_long(keyset, key, now):
                 note = "  WARNING: valid for more than two years (Google: one year, two at most)"

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.keys import expiring, key_warnings, valid_too_long
+from gateway.keys import days_left, expiring, key_warnings, valid_too_long
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.reload import Reloader
 from gateway.snapshot import Current, Snapshot
@@ -89,7 +89,7 @@ def warn_about_keys(snapshot: Snapshot) -> None:
         log.warning("key expires soon", extra={"fields": {
             "keyset": keyset.name, "key_id": key.id, "state": key.state.value,
             "expires": key.expires.isoformat(),
-            "days_left": round((key.expires - now).total_seconds() / 86400, 1)}})
+            "days_left": days_left(key, now)}})
     for keyset in snapshot.keysets.values():
         for key in keyset.keys:
             if valid_too_long(keyset, key, now):

@@ -115,17 +115,23 @@ def valid_too_long(keyset: Keyset, key: Key, now: datetime | None = None) -> boo
         key.expires is None or key.expires > (now or utcnow()) + MAX_PGP_VALIDITY)
 
 
+def days_left(key: Key, now: datetime) -> float | None:
+    """Days until `key` expires, to a tenth (negative once expired); None: never. Texts for
+    people print the whole days of it (int: 9.46 is "9 days"), logs and JSON the figure."""
+    return None if key.expires is None else round((key.expires - now).total_seconds() / 86400, 1)
+
+
 def key_warnings(keyset: Keyset, key: Key, warn_within: timedelta,
                  now: datetime | None = None) -> list[str]:
     """What an operator must hear about `key` (keys list, /status): expired, an enabled key
     expiring within `warn_within` (warn_expiry_days), one of ours valid too long."""
     now = now or utcnow()
     warnings = []
-    if key.expires is not None and key.expires <= now:
+    if key.expires is not None and key.expired(now):
         warnings.append(f"expired on {key.expires.strftime('%Y-%m-%dT%H:%M:%SZ')}")
     elif key.expires is not None and key.enabled and key.expires - now <= warn_within:
-        days = round((key.expires - now).total_seconds() / 86400)
-        warnings.append(f"expires in {days} days (warn_expiry_days {warn_within.days})")
+        warnings.append(f"expires in {int(days_left(key, now) or 0)} days "
+                        f"(warn_expiry_days {warn_within.days})")
     if valid_too_long(keyset, key, now):
         warnings.append("valid for more than two years (Google: one year, two at most)")
     return warnings

@@ -35,7 +35,7 @@ from gateway.config import (
 from gateway.envelope import Opened, Sealed
 from gateway.errors import ConfigError, EngineError, EnvelopeError, GatewayError
 from gateway.jose import generate_jwk, jwe_header, load_jose_keyset
-from gateway.keys import Key, Keyset, key_warnings
+from gateway.keys import Key, Keyset, days_left, key_warnings
 from gateway.pgp import (
     KEY_PREFERENCES,
     generate_pgp_key,
@@ -269,7 +269,7 @@ def list_keys(config_path: Path, *, as_json: bool) -> int:
             k = f.key
             expiry = "expires never"
             if k.expires is not None and f.days_left is not None:
-                expiry = f"expires {_iso(k.expires)} ({f.days_left:.0f} days left)"
+                expiry = f"expires {_iso(k.expires)} ({int(f.days_left)} days left)"
             print(f"  {k.id:<22} {k.state.value:<9} {'private' if k.private else 'public':<7} "
                   f"{k.algorithm:<9} {'+'.join(k.capabilities):<12} {k.fingerprint}")
             print(f"  {'':<22} {expiry}; does: {', '.join(f.ops) or 'nothing'}")
@@ -289,14 +289,11 @@ def key_facts(snapshot: Snapshot, now: datetime) -> list[KeyFacts]:
         roles = {role for _, _, role in routes}
         for key in keyset.keys:
             ops = _ops(keyset, key, roles)
-            days_left = None
-            if key.expires is not None:
-                days_left = round((key.expires - now).total_seconds() / 86400, 1)
             warnings = key_warnings(keyset, key, soon, now)
             if not routes:
                 warnings.append("its keyset is used by no route")
-            expired = key.expires is not None and key.expires <= now
-            facts.append(KeyFacts(name, keyset.type, key, routes, ops, days_left, expired,
+            facts.append(KeyFacts(name, keyset.type, key, routes, ops, days_left(key, now),
+                                  key.expired(now),
                                   tuple(warnings)))
     return facts
 

@@ -8,7 +8,15 @@ import pytest
 
 from gateway.config import KeysetConfig, KeyState
 from gateway.errors import ConfigError
-from gateway.keys import Key, Keyset, check_jose_keyset, check_route_keysets, expiring
+from gateway.keys import (
+    Key,
+    Keyset,
+    check_jose_keyset,
+    check_route_keysets,
+    days_left,
+    expiring,
+    key_warnings,
+)
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 PAST = NOW - timedelta(days=1)
@@ -96,3 +104,13 @@ def test_expiry_warnings_fire_at_10_days_not_at_300() -> None:
     gone = key("gone", "disabled", expires=NOW + timedelta(days=1))
     found = expiring([keyset(soon, later, gone, key("never"))], timedelta(days=30), NOW)
     assert [k.id for _, k in found] == ["soon"]
+
+
+def test_days_left_is_one_figure_for_every_output() -> None:
+    """`keys list`, `check`, /status and the logs once said 10, 9 and 9.5 days for one key."""
+    nine_and_a_half = key("k", expires=NOW + timedelta(days=9, hours=11))  # 9.46 days
+    assert days_left(nine_and_a_half, NOW) == 9.5
+    assert days_left(key("never"), NOW) is None
+    assert days_left(key("gone", expires=PAST), NOW) == -1.0
+    assert key_warnings(keyset(nine_and_a_half), nine_and_a_half, timedelta(days=30), NOW) == [
+        "expires in 9 days (warn_expiry_days 30)"]
