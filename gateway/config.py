@@ -248,8 +248,13 @@ def cpu_quota() -> float | None:
 
 def files_digest(paths: tuple[Path, ...]) -> str:
     """SHA-256 over the contents of `paths` (a missing file counts as its own state)."""
+    return combined_digest(file_digests(paths))
+
+
+def combined_digest(digests: dict[Path, str]) -> str:
+    """files_digest of what file_digests returned."""
     digest = hashlib.sha256()
-    for path, each in file_digests(paths).items():
+    for path, each in digests.items():
         digest.update(str(path).encode() + b"\0" + each.encode())
     return digest.hexdigest()
 

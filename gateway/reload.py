@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.config import Config, file_digests, files_digest, load_config
+from gateway.config import Config, combined_digest, file_digests, files_digest, load_config
 from gateway.errors import ConfigError
 from gateway.keys import utcnow
 from gateway.logs import apply_level
@@ -80,21 +80,24 @@ class Reloader:
                 # in use until some other reload; tried again in a minute, each failure logged.
                 self._expiry = utcnow() + _EXPIRY_RETRY
             return reloaded
-        digest = await asyncio.to_thread(files_digest, self._watched)
+        digests = await asyncio.to_thread(file_digests, self._watched)
+        digest = combined_digest(digests)
         if digest == self._seen:
             return None
         self._seen = digest
-        return await self.reload("poll")
+        return await self.reload("poll", before=digests)
 
-    async def reload(self, trigger: str) -> bool:
+    async def reload(self, trigger: str, *, before: dict[Path, str] | None = None) -> bool:
         """Load, validate and build the whole new configuration, then swap it in. On any failure
-        the old configuration keeps serving. Returns True when the new one is in service."""
+        the old configuration keeps serving. Returns True when the new one is in service.
+        `before`: the watched files' digests just taken (by poll), not taken again."""
         async with self._lock:
             old = self.current.snapshot.config
             # Each file as it was before the attempt read it: one rewritten in place during
             # the attempt (read half-written, say) must be tried again at the next poll, not
             # taken as seen because its finished content was hashed afterwards.
-            before = await asyncio.to_thread(file_digests, self._watched)
+            if before is None:
+                before = await asyncio.to_thread(file_digests, self._watched)
             try:
                 try:
                     config = await asyncio.to_thread(self.load, self.path)
@@ -133,9 +136,9 @@ class Reloader:
         """Watch `files` from now on, as they are now; but if one that was watched already
         changed during the attempt, leave the next poll to try again."""
         self._watched = files
-        self._seen = await asyncio.to_thread(files_digest, files)
-        after = await asyncio.to_thread(file_digests, tuple(f for f in files if f in before))
-        if any(after[f] != before[f] for f in after):
+        after = await asyncio.to_thread(file_digests, files)
+        self._seen = combined_digest(after)
+        if any(after[f] != before[f] for f in after if f in before):
             self._seen = ""
 
     def _count(self, trigger: str, result: str) -> None:

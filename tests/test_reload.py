@@ -22,8 +22,9 @@ import aiohttp
 import pytest
 
 import gateway.logs as logs_module
+import gateway.reload as reload_module
 from gateway.app import Gateway
-from gateway.config import load_config
+from gateway.config import combined_digest, file_digests, load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.reload import listener_changes
@@ -294,6 +295,29 @@ async def test_a_config_rewritten_while_it_is_read_is_tried_again(
         assert await gateway.reloader.poll() is True
         assert gateway.current.snapshot.config.warn_expiry_days == 7
         assert await gateway.reloader.poll() is None  # and now it is seen
+
+
+async def test_a_poll_that_reloads_hashes_the_watched_files_twice_not_four_times(
+    jose_keys: JoseKeys, node_jose: NodeJose, partner: StandIn, runtime_dir: Path, pki: Pki,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once to see the change, once after the load to know what was read; the first serves as
+    the before-image too (every key and certificate was read four times per reload)."""
+    google = JoseGoogle(jose_keys, node_jose)
+    text = config(google, runtime_dir, pki, inbound_url=partner.url)
+    async with running_gateway(tmp_path, text) as gateway:
+        hashed: list[tuple[Path, ...]] = []
+
+        def counting(paths: tuple[Path, ...]) -> dict[Path, str]:
+            hashed.append(paths)
+            return file_digests(paths)
+
+        monkeypatch.setattr(reload_module, "file_digests", counting)
+        monkeypatch.setattr(reload_module, "files_digest",
+                            lambda paths: combined_digest(counting(paths)))
+        (tmp_path / "config.yaml").write_text(textwrap.dedent(text) + "warn_expiry_days: 7\n")
+        assert await gateway.reloader.poll() is True
+    assert len(hashed) == 2 and all(len(paths) > 1 for paths in hashed)
 
 
 async def test_a_failed_expiry_reload_is_tried_again_a_minute_later(
