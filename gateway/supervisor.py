@@ -101,6 +101,7 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self.workers: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self.states: list[dict[str, int | None]] = []  # worker_states(), every 0.2 s
         self._owed: set[int] = set()  # pids of workers that missed a reload while starting
 
     def reserve_ports(self) -> None:
@@ -166,7 +167,8 @@ class Supervisor:
     def refresh_generation(self) -> None:
         """gateway_config_generation: the oldest generation a live worker serves (a reload
         counts once every worker has applied it, not when the supervisor has checked it)."""
-        served = [s["generation"] for s in self.worker_states()]
+        self.states = self.worker_states()  # what /status shows, read off the loop
+        served = [s["generation"] for s in self.states]
         if served and None not in served:
             self.metrics.config_generation.set(min(g for g in served if g is not None))
 
@@ -248,7 +250,7 @@ async def supervise(config: Config) -> int:
                                           lambda: status_document(supervisor.current.snapshot,
                                                                   supervisor.reloader,
                                                                   supervisor.draining,
-                                                                  supervisor.worker_states())),
+                                                                  supervisor.states)),
                           handle_signals=False, access_log=None)
     await admin.setup()
     site = web.TCPSite(admin, config.admin_listen.host, config.admin_listen.port)
@@ -259,7 +261,7 @@ async def supervise(config: Config) -> int:
         await supervisor.start_worker(index)
     while supervisor.not_ready() is not None and not stop.is_set():
         await asyncio.sleep(0.05)
-    supervisor.refresh_generation()
+    await asyncio.to_thread(supervisor.refresh_generation)
     log.info("listening", extra={"fields": {
         "routes": {n: f"{r.listen.host}:{supervisor.ports[n]}"
                    for n, r in ((r.name, r) for r in config.routes)},
