@@ -1,11 +1,12 @@
 """Gateway load benchmark: the real `python -m gateway run` process, an inbound route over TLS,
 a stand-in partner that answers at once, wrk replaying pre-sealed requests; beside it, in the
-same run and in alternating slices, the raw `cryptography` floor, the gpg ceiling (PGP) and
-the partner called directly. Not a test: it asserts nothing about time.
+same run and in alternating slices, the raw `cryptography` floor, the gpg ceiling (PGP), the
+partner called directly, a plain proxy on the same stack and (JOSE) the issue's reference
+gateway. Not a test: it asserts nothing about time.
 
     .venv/bin/python bench/gateway_load.py [--quick] [--scheme pgp jose] [--bits 2048 3072]
         [--size 1 64] [--concurrency 32] [--seconds 10] [--slices 3] [--workers 1]
-        [--profile DIR]
+        [--pin-workers] [--profile DIR]
 
 Needs wrk (Debian: apt-get install wrk) and, for PGP, gpg.
 """
@@ -58,6 +59,8 @@ REPO = BENCH.parent
 LUA = BENCH / "replay.lua"
 PATH = "/cards-qr-v1/echo"
 SIZES = {1: "1 KiB", 64: "64 KiB"}  # --size values, in KiB
+# Issue 7's JOSE targets at 1 KiB and its straightforward gateway's measure, both x the floor.
+ISSUE_REFERENCE = {2048: (0.5, 0.31), 3072: (0.8, 0.63)}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GPG_NAMES = {"gpg", "gpg-agent", "gpgsm", "scdaemon", "keyboxd", "dirmngr"}
 GPG = ("--batch", "--no-tty", "--pinentry-mode", "loopback", "--trust-model", "always")
@@ -203,6 +206,84 @@ def serve_plain_proxy(port: int, upstream: str, cert: str, key: str, cpu: str) -
             await session.close()
 
     return run_on_uvloop(main)
+
+
+# ---------------------------------------------------------------------------------------------
+# The issue's reference: "a straightforward single-process aiohttp + jwcrypto gateway", the
+# design issue 7 calibrated its JOSE targets against (about 0.63 of the floor at RSA-3072 and
+# 0.31 at RSA-2048 on its machine). One process, jwcrypto's JWS and JWE objects, the crypto
+# on the event loop; the same stack otherwise (uvloop, aiohttp, the gateway's TLS context and
+# upstream session) and the same wire profile, so that its answers open with Google's keys.
+# Measured beside the gateway, it translates the targets to this machine (bench/README.md,
+# "The issue's reference").
+
+
+def serve_reference(port: int, upstream: str, cert: str, key: str, keys: str) -> int:
+    from aiohttp import web
+    from jwcrypto import jwe, jwk, jws
+    from jwcrypto.common import json_encode
+
+    from gateway.config import ServerTls
+    from gateway.tls import build_server_context
+    from gateway.upstream import upstream_session
+
+    def pem(name: str) -> jwk.JWK:
+        return jwk.JWK.from_pem(Path(keys, name).read_bytes())
+
+    own_sig, own_enc = pem("partner-sig.pem"), pem("partner-enc.pem")
+    peer_sig, peer_enc = pem("google-sig.pub.pem"), pem("google-enc.pub.pem")
+    jws_header = json_encode({"alg": "RS256", "kid": "partner-sig"})
+    jwe_header = json_encode({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": "google-enc"})
+    context = build_server_context(ServerTls(Path(cert), Path(key)), "reference")
+
+    async def main() -> None:
+        session = upstream_session()
+
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            try:
+                token = jwe.JWE(algs=["RSA-OAEP-256", "A256GCM"])
+                token.deserialize(body.decode("ascii"), key=own_enc)
+                signed = jws.JWS()
+                signed.allowed_algs = ["RS256"]
+                signed.deserialize(token.payload.decode("ascii"), key=peer_sig)
+            except Exception:  # a reference: any failure is a 400
+                return web.Response(status=400)
+            async with session.post(upstream + request.raw_path, data=signed.payload, headers={
+                    "Content-Type": PLAINTEXT_CONTENT_TYPE}) as answer:
+                plaintext = await answer.read()
+            out = jws.JWS(plaintext)
+            out.add_signature(own_sig, alg="RS256", protected=jws_header)
+            sealed = jwe.JWE(out.serialize(compact=True).encode("ascii"), protected=jwe_header)
+            sealed.add_recipient(peer_enc)
+            return web.Response(body=sealed.serialize(compact=True).encode("ascii"),
+                                headers={"Content-Type": CONTENT_TYPES["jose"]})
+
+        try:
+            await serve_until_signalled(handle, lambda site: "READY", port=port,
+                                        ssl_context=context)
+        finally:
+            await session.close()
+
+    return run_on_uvloop(main)
+
+
+class Reference:
+    """The reference gateway for one JOSE case (its keys are the case's)."""
+
+    def __init__(self, cleanup: contextlib.ExitStack, log: Path, upstream: str,
+                 certs: tuple[Path, ...], keys: Path) -> None:
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        with log.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "_reference", str(self.port),
+                 upstream, str(certs[1]), str(certs[2]), str(keys)],
+                stdout=subprocess.PIPE, stderr=err, start_new_session=True, cwd=REPO)
+        cleanup.callback(stop_process, self.process)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().decode().strip() != "READY":
+            raise BenchError(f"the reference gateway did not start; see {log}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,6 +946,7 @@ class CaseResult:
     partner_c1: Load = field(default_factory=Load)
     plain: Load = field(default_factory=Load)
     plain_c1: Load = field(default_factory=Load)
+    reference: Load = field(default_factory=Load)  # JOSE: the issue's reference gateway
     # CPU seconds spent during the load slices, for CPU per round trip.
     gateway_cpu_s: float = 0.0  # its processes and threads, and the gpg it ran
     plain_cpu_s: float = 0.0
@@ -934,7 +1016,12 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
                                      opts.workers, opts.pgp_engine, opts.pin_workers))
     gateway = GatewayProcess(config, root / f"gateway-{tag}.log", runtime, opts.log_level,
                              opts.workers)
+    own = contextlib.ExitStack()
     try:
+        reference = None
+        if google.scheme == "jose":
+            reference = Reference(own, root / f"reference-{tag}.log", partner.url, certs,
+                                  rsa_keys.files["partner-sig"][0].parent)
         listening = gateway.wait_listening()
         route_port = int(str(listening["routes"]["in"]).rsplit(":", 1)[1])
         # A sample of answers must open and verify with Google's keys before any load.
@@ -956,6 +1043,14 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
             raise BenchError(f"{result.name}: the plain proxy answered {status} "
                              f"{content_type!r}")
 
+        if reference is not None:
+            status, content_type, answer_body = post(reference.port, sealed[0],
+                                                     google.content_type, certs[0])
+            if status != 200 or content_type != google.content_type:
+                raise BenchError(f"{result.name}: the reference answered {status} "
+                                 f"{content_type!r}; see {root}/reference-{tag}.log")
+            google.check(answer_body, answer)
+
         gateway_url = f"https://127.0.0.1:{route_port}"
 
         def gateway_load(connections: int, seconds: int) -> Load:
@@ -965,6 +1060,11 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
         def plain_load(connections: int, seconds: int) -> Load:
             return run_wrk(plain.url, sealed_dir, len(sealed), google.content_type,
                            PLAINTEXT_CONTENT_TYPE, connections, seconds)
+
+        def reference_load(connections: int, seconds: int) -> Load:
+            assert reference is not None
+            return run_wrk(reference.url, sealed_dir, len(sealed), google.content_type,
+                           google.content_type, connections, seconds)
 
         def partner_load(connections: int, seconds: int) -> Load:
             return run_wrk(partner.url, plain_dir, len(plaintexts), PLAINTEXT_CONTENT_TYPE,
@@ -982,6 +1082,8 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
         # Warm up: agents started, connections made, caches filled.
         gateway_load(opts.concurrency, 1)
         plain_load(opts.concurrency, 1)
+        if reference is not None:
+            reference_load(opts.concurrency, 1)
         in_threads(floor, threads, 0.3, stop)
         if pgp is not None:
             in_threads(lambda i: pgp.pipeline(i, messages, answer), threads, 0.5, stop)
@@ -1010,6 +1112,11 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
             plain_slice = plain_load(opts.concurrency, full)
             result.plain_cpu_s += (plain.cpu_ticks() - ticks) / CLK_TCK
             result.plain.add(plain_slice)
+            refers = ""
+            if reference is not None:
+                reference_slice = reference_load(opts.concurrency, full)
+                result.reference.add(reference_slice)
+                refers = f", reference {reference_slice.per_second:.0f}"
             result.gateway_c1.add(gateway_load(1, half))
             result.plain_c1.add(plain_load(1, half))
             result.partner_c1.add(partner_load(1, half))
@@ -1020,13 +1127,14 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
                     lambda i: pgp.pipeline(i, messages, answer), 1, half, stop))
             say(f"  {result.name} slice {n}/{opts.slices}: gateway {load.per_second:.1f} rt/s "
                 f"(CPU {result.cpu[-1].gateway:.0f}%), floor {floor_slice.per_second:.1f}{ceiling}"
-                f", plain proxy {plain_slice.per_second:.0f}")
+                f", plain proxy {plain_slice.per_second:.0f}{refers}")
         result.lag = lag_p99_ms(lag_before, loop_lag(admin_port))
         result.rss_mib = gateway.peak_rss_mib()
         if opts.profile is not None:
             profile(gateway, opts, tag, lambda seconds: gateway_load(opts.concurrency, seconds),
                     say)
     finally:
+        own.close()
         result.exit_code = gateway.stop()
         stop_agents(runtime)
     if result.exit_code not in (0, None):
@@ -1283,6 +1391,31 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
             f"{fmt(bound / fl if fl else math.nan, '.2f'):>12}"
             f"{fmt(gw / bound, '.2f'):>9}{fmt(gw / pl if pl else math.nan, '.2f'):>9}"
             f"{fmt(c1, '.2f'):>15}")
+    jose = [r for r in results if r.scheme == "jose"]
+    if jose:
+        out += [
+            "",
+            "The issue's reference (JOSE): ref = wrk at a straightforward single-process aiohttp "
+            "+ jwcrypto gateway (crypto on its event loop, jwcrypto's JWS/JWE objects; the same "
+            "stack, TLS and wire profile), the design issue 7 measured at ~0.63 (RSA-3072) and "
+            "~0.31 (RSA-2048) of the floor at 1 KiB on its machine when it set 0.8 and 0.5; "
+            "ref-scaled target = the issue's target / ref on its machine x ref/floor here, the "
+            "same gain over the reference on this machine (1 KiB only).",
+            "",
+            f"{'case':<18}{'gateway':>9}{'ref':>9}{'ref/floor':>10}{'gw/ref':>8}"
+            f"{'gw/floor':>9}{'ref-scaled target':>18}",
+        ]
+        for r in jose:
+            gw, ref, fl = r.gateway.per_second, r.reference.per_second, r.floor.per_second
+            scaled = "-"
+            if r.size == SIZES[1] and r.bits in ISSUE_REFERENCE and fl:
+                target, measured = ISSUE_REFERENCE[r.bits]
+                scaled = fmt(target / measured * ref / fl, ".2f")
+            out.append(
+                f"{r.name:<18}{fmt(gw):>9}{fmt(ref):>9}"
+                f"{fmt(ref / fl if fl else math.nan, '.2f'):>10}"
+                f"{fmt(gw / ref if ref else math.nan, '.2f'):>8}"
+                f"{fmt(gw / fl if fl else math.nan, '.2f'):>9}{scaled:>18}")
     out += [
         "",
         "CPU per round trip in ms over the load slices (/proc ticks; the floor from this "
@@ -1336,6 +1469,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_partner()
     if argv[:1] == ["_plain_proxy"] and len(argv) == 6:
         return serve_plain_proxy(int(argv[1]), argv[2], argv[3], argv[4], argv[5])
+    if argv[:1] == ["_reference"] and len(argv) == 6:
+        return serve_reference(int(argv[1]), argv[2], argv[3], argv[4], argv[5])
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="Every figure comes from one run; see bench/README.md for what each means.")
