@@ -1453,6 +1453,10 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
         kinds = dict(r.gateway.bad_kinds) | {f"socket {k}": v for k, v in r.gateway.errors.items()}
         if kinds:
             notes.append(f"{r.name}: not counted: {kinds}")
+        ref = r.reference
+        kinds = dict(ref.bad_kinds) | {f"socket {k}": v for k, v in ref.errors.items()}
+        if kinds:
+            notes.append(f"{r.name}: the reference's answers not counted: {kinds}")
         if r.exit_code not in (0, None):
             notes.append(f"{r.name}: the gateway exited with status {r.exit_code}")
     if notes:
