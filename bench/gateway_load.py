@@ -6,7 +6,7 @@ gateway. Not a test: it asserts nothing about time.
 
     .venv/bin/python bench/gateway_load.py [--quick] [--scheme pgp jose] [--bits 2048 3072]
         [--size 1 64] [--concurrency 32] [--seconds 10] [--slices 3] [--workers 1]
-        [--pin-workers] [--profile DIR]
+        [--pin-workers] [--batch-scheduling] [--profile DIR]
 
 Needs wrk (Debian: apt-get install wrk) and, for PGP, gpg.
 """
@@ -862,7 +862,8 @@ class PgpGoogle(Google):
 
 def gateway_config(google: Google, route_port: int, admin_port: int, partner: Partner,
                    runtime: Path, certs: tuple[Path, ...], workers: str,
-                   pgp_engine: str | None = None, pin_workers: bool = False) -> str:
+                   pgp_engine: str | None = None, pin_workers: bool = False,
+                   batch_scheduling: bool = False) -> str:
     _, cert, key = certs
     head = f"""\
         admin: {{listen: "127.0.0.1:{admin_port}"}}
@@ -870,6 +871,7 @@ def gateway_config(google: Google, route_port: int, admin_port: int, partner: Pa
         runtime_dir: "{runtime}"
         workers: {workers}
         pin_workers: {str(pin_workers).lower()}
+        batch_scheduling: {str(batch_scheduling).lower()}
         """
     routes = f"""\
         routes:
@@ -979,6 +981,7 @@ class Options:
     profile: Path | None
     pgp_engine: str | None = None
     pin_workers: bool = False
+    batch_scheduling: bool = False
 
 
 def slice_seconds(total: float, slices: int, fraction: float = 1.0) -> int:
@@ -1013,7 +1016,8 @@ def run_case(google: Google, rsa_keys: RsaKeys, size_kib: int, opts: Options, ro
     route_port, admin_port = free_port(), free_port()
     config = root / f"config-{tag}.yaml"
     config.write_text(gateway_config(google, route_port, admin_port, partner, runtime, certs,
-                                     opts.workers, opts.pgp_engine, opts.pin_workers))
+                                     opts.workers, opts.pgp_engine, opts.pin_workers,
+                                     opts.batch_scheduling))
     gateway = GatewayProcess(config, root / f"gateway-{tag}.log", runtime, opts.log_level,
                              opts.workers)
     own = contextlib.ExitStack()
@@ -1498,6 +1502,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin-workers", action="store_true",
                         help="the gateway's `pin_workers: true` (each worker on one CPU); the "
                              "plain proxy's processes are pinned alike")
+    parser.add_argument("--batch-scheduling", action="store_true",
+                        help="the gateway's `batch_scheduling: true` (its serving processes "
+                             "under SCHED_BATCH)")
     parser.add_argument("--pool", type=int, default=32, help="pre-sealed requests per case")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
@@ -1525,7 +1532,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gpg is not installed (needed for --scheme pgp)", file=sys.stderr)
         return 1
     opts = Options(args.concurrency, args.seconds, args.slices, args.workers, args.pool,
-                   args.log_level, args.profile, args.pgp_engine, args.pin_workers)
+                   args.log_level, args.profile, args.pgp_engine, args.pin_workers,
+                   args.batch_scheduling)
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -1565,6 +1573,7 @@ def bench(args: argparse.Namespace, opts: Options) -> int:
         "share them")
     engine = f", pgp.engine: {opts.pgp_engine}" if opts.pgp_engine else ""
     pin = ", pinned" if opts.pin_workers else ""
+    pin += ", SCHED_BATCH" if opts.batch_scheduling else ""
     say(f"concurrency {opts.concurrency}, {opts.seconds:g} s of load per case in {opts.slices} "
         f"slices, workers: {opts.workers}{pin}{engine}, log level {opts.log_level}")
     say("")

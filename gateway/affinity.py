@@ -8,12 +8,12 @@ benchmark VM (bench/README.md).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 
 from gateway.config import Config, cpu_quota, usable_cores
 from gateway.errors import ConfigError
+from gateway.scheduling import every_thread
 
 __all__ = ["allowed_cpus", "pin", "planned_cpus", "worker_cpus"]
 
@@ -66,9 +66,7 @@ def pin(cpu: int) -> None:
     defaults sized from the cores would shrink). Raises ConfigError when it cannot be done."""
     usable_cores()
     try:
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-                os.sched_setaffinity(int(tid), {cpu})
+        every_thread(lambda tid: os.sched_setaffinity(tid, {cpu}))
     except OSError as exc:
         raise ConfigError("pin_workers", f"cannot bind this worker to CPU {cpu}: "
                                          f"{exc.strerror}") from None

@@ -193,6 +193,7 @@ class Config:
     limits: Limits = Limits()
     workers: int = 1
     pin_workers: bool = False
+    batch_scheduling: bool = False
     drain_delay_s: float = 0.0
     shutdown_timeout_s: float = 30.0
     warn_expiry_days: int = 30
@@ -349,6 +350,8 @@ def _parse(reader: _Reader, data: Any, path: Path) -> Config:
         limits=_limits(reader, root.optional("limits", {})),
         workers=_workers(reader, root.optional("workers", 1)),
         pin_workers=reader.boolean(root.optional("pin_workers", False), "pin_workers"),
+        batch_scheduling=reader.boolean(root.optional("batch_scheduling", False),
+                                        "batch_scheduling"),
         drain_delay_s=reader.number(root.optional("drain_delay_s", 0), "drain_delay_s", 0),
         shutdown_timeout_s=reader.number(
             root.optional("shutdown_timeout_s", 30), "shutdown_timeout_s", 0

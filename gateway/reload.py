@@ -166,6 +166,9 @@ def listener_changes(old: Config, new: Config) -> list[str]:
         changes.append(f"workers {old.workers} -> {new.workers}")
     if old.pin_workers != new.pin_workers and max(old.workers, new.workers) > 1:
         changes.append(f"pin_workers {old.pin_workers} -> {new.pin_workers}".lower())
+    if old.batch_scheduling != new.batch_scheduling:
+        changes.append(
+            f"batch_scheduling {old.batch_scheduling} -> {new.batch_scheduling}".lower())
     if old.runtime_dir != new.runtime_dir:
         changes.append(f"runtime_dir {old.runtime_dir} -> {new.runtime_dir}: the GnuPG homes "
                        "stay where they are until a restart")

@@ -23,6 +23,7 @@ from gateway.jose import JoseEnvelope, load_jose_keyset
 from gateway.keys import Keyset, check_jose_keyset, check_route_keysets
 from gateway.openpgp import NativePgpEnvelope, load_native_keyset
 from gateway.pgp import PgpEnvelope, load_pgp_keyset
+from gateway.scheduling import check_batch
 from gateway.tls import build_client_context, build_server_context
 
 
@@ -59,6 +60,7 @@ def build_snapshot(config: Config, generation: int, workdir: Path, slots: int = 
     # refuse what `run` would refuse at the next start. (A pinned worker sees only its own CPU
     # here, which passes.)
     planned_cpus(config)
+    check_batch(config)
     keysets: dict[str, Keyset] = {}
     native: dict[str, Keyset] = {}  # pgp keysets as the native engine parsed them
     routes: dict[str, RouteRuntime] = {}

@@ -30,6 +30,7 @@ from gateway.logs import pinned_level
 from gateway.metrics import Metrics
 from gateway.mirror import Mirror, load_mirrored
 from gateway.reload import Reloader
+from gateway.scheduling import check_batch
 from gateway.snapshot import (
     Current,
     Snapshot,
@@ -233,6 +234,7 @@ class Supervisor:
 async def supervise(config: Config) -> int:
     """`run` with workers > 1: serve until SIGTERM/SIGINT through `config.workers` processes."""
     cpus = planned_cpus(config)  # refused before anything is made
+    check_batch(config)
     workdir = prepare_runtime_dir(config.runtime_dir)
     supervisor = await asyncio.to_thread(Supervisor, config, workdir, cpus)
     loop = asyncio.get_running_loop()

@@ -66,6 +66,7 @@ def test_minimal_config_gets_the_documented_defaults(base_dir: Path) -> None:
     assert config.reload_interval_s == 5
     assert config.workers == 1
     assert config.pin_workers is False
+    assert config.batch_scheduling is False
     assert config.shutdown_timeout_s == 30
     assert config.warn_expiry_days == 30
     route = config.routes[0]
@@ -342,6 +343,13 @@ def test_pin_workers_is_a_boolean(base_dir: Path) -> None:
     # YAML reads `on`/`yes` as true too; a string is refused, not read as true.
     assert error_of(base_dir, BASE + "pin_workers: auto\n") == (
         "pin_workers: expected true or false, found 'auto'"
+    )
+
+
+def test_batch_scheduling_is_a_boolean(base_dir: Path) -> None:
+    assert load(base_dir, BASE + "batch_scheduling: true\n").batch_scheduling is True
+    assert error_of(base_dir, BASE + "batch_scheduling: batch\n") == (
+        "batch_scheduling: expected true or false, found 'batch'"
     )
 
 

@@ -746,7 +746,8 @@ def test_listener_changes_are_named(jose_keys: JoseKeys, node_jose: NodeJose, pk
     new_text = new_text.replace('admin: {listen: "127.0.0.1:0"}',
                                 'admin: {listen: "127.0.0.1:9999"}')
     new_text = new_text.replace(f"runtime_dir: {runtime_dir}", f"runtime_dir: {runtime_dir}2"
-                                "\n        workers: 2\n        pin_workers: true")
+                                "\n        workers: 2\n        pin_workers: true"
+                                "\n        batch_scheduling: true")
     (tmp_path / "b.yaml").write_text(textwrap.dedent(new_text))
     changes = listener_changes(load_config(tmp_path / "a.yaml"),
                                load_config(tmp_path / "b.yaml"))
@@ -754,6 +755,7 @@ def test_listener_changes_are_named(jose_keys: JoseKeys, node_jose: NodeJose, pk
         "admin.listen 127.0.0.1:0 -> 127.0.0.1:9999",
         "workers 1 -> 2",
         "pin_workers false -> true",
+        "batch_scheduling false -> true",
         f"runtime_dir {runtime_dir} -> {runtime_dir}2: the GnuPG homes stay where they are "
         "until a restart",
         "route 'out2' added: not served until a restart",

@@ -68,6 +68,11 @@ async def killed(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policies of the threads of process `pid`."""
+    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 def thread_cpus(pid: int) -> dict[int, tuple[int, ...]]:
     """The CPUs each thread of process `pid` may run on."""
     return {int(task.name): tuple(sorted(os.sched_getaffinity(int(task.name))))
@@ -103,7 +108,8 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
         pinned = [None, None]
     path.write_text(textwrap.dedent(config(
         google, runtime_dir, pki, inbound_url=partner.url,
-        top={"workers": 2, "pin_workers": str(pinned[0] is not None).lower()})))
+        top={"workers": 2, "pin_workers": str(pinned[0] is not None).lower(),
+             "batch_scheduling": "true"})))
     sealed = await asyncio.to_thread(google.seal, REQUEST)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "info",
@@ -152,6 +158,9 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             for pid, cpu in cpu_of.items():
                 assert set(thread_cpus(pid).values()) == {
                     tuple(sorted(affinity.allowed_cpus())) if cpu is None else (cpu,)}
+                # batch_scheduling: every thread of each worker, not the supervisor's.
+                assert thread_policies(pid) == {os.SCHED_BATCH}
+            assert thread_policies(process.pid) == {os.SCHED_OTHER}
             assert total(await get("/metrics"), "gateway_config_generation") == 1
             process.send_signal(signal.SIGHUP)
             for _ in range(3):  # the supervisor validates, then each worker reloads
@@ -307,6 +316,7 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
         for state in states:
             assert set(thread_cpus(state["pid"]).values()) == {
                 tuple(sorted(os.sched_getaffinity(0)))}
+            assert thread_policies(state["pid"]) == {os.SCHED_OTHER}  # batch_scheduling: off
         # Logged by the supervisor at start and at the reload, not by every worker.
         assert len([e for e in events.seen if e["event"] == "key expires soon"]) == 2
         assert await served() == [200] * 8
