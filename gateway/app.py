@@ -70,9 +70,6 @@ class Gateway:
         # thread (and GnuPG home) than slots fills the gaps (bench/README.md).
         self.slots = slots
         self.gpg_slots = gpg_slots(slots)
-        import os as _os
-        if _os.environ.get("GATEWAY_EXP_BATCH") == "1":
-            _os.sched_setscheduler(0, _os.SCHED_BATCH, _os.sched_param(0))
         self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="crypto")
         self.gpg_executor = ThreadPoolExecutor(max_workers=self.gpg_slots,
                                                thread_name_prefix="gpg")
@@ -584,8 +581,9 @@ async def serve(config: Config) -> int:
         pin(worker.cpu)  # first: gpg-agents started while building inherit it
     elif worker is None and config.pin_workers:
         log.warning("pin_workers has no effect with workers 1: it binds worker processes")
-    if config.batch_scheduling:
+    if worker.batch if worker is not None else config.batch_scheduling:
         batch()  # likewise: the crypto threads and gpg processes started later inherit it
+        log.info("batch scheduling", extra={"fields": {"policy": "SCHED_BATCH"}})
     gateway = await build_gateway(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,9 +3,9 @@
 A serving process's event loop and its crypto threads wake one another several times per
 request: a seal or open handed over and its result handed back, a TLS record in, an upstream
 answer. Under the normal policy each thread that wakes preempts the one running on its CPU. On
-the benchmark VM that made ~13 context switches per JOSE request in each worker. Under
-SCHED_BATCH a woken thread waits until the running one blocks or has used its time slice: half
-the switches, and ~10 % less CPU per JOSE round trip (bench/README.md).
+the benchmark VM that made ~12 context switches per JOSE request (all the workers' threads
+together). Under SCHED_BATCH a woken thread waits until the running one blocks or has used its
+time slice: half the switches, and ~10 % less CPU per JOSE round trip (bench/README.md).
 
 The price is the same property toward everything else: a woken gateway thread no longer
 preempts other work on its CPU either, so on CPUs shared with busy neighbours each wake-up may

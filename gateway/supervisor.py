@@ -52,6 +52,9 @@ class WorkerRole:
     ready_file: Path
     config_pointer: Path  # the supervisor's mirror of the configuration in service
     cpu: int | None = None  # pin_workers: the one CPU this worker runs on
+    # batch_scheduling as the supervisor started: a worker restarted after a reload that
+    # changed it (which needs a restart) must not differ from its siblings.
+    batch: bool = False
 
     def load_config(self, path: Path) -> Config:
         """`path`, the operator's config file, as the supervisor validated it (mirror.py)."""
@@ -66,12 +69,13 @@ class WorkerRole:
         cpu = data.get("cpu")
         return cls(int(data["index"]), {k: int(v) for k, v in data["ports"].items()},
                    Path(data["ready_file"]), Path(data["config_pointer"]),
-                   None if cpu is None else int(cpu))
+                   None if cpu is None else int(cpu), data.get("batch") is True)
 
     def to_environment(self) -> str:
         return json.dumps({"index": self.index, "ports": self.ports,
                            "ready_file": str(self.ready_file),
-                           "config_pointer": str(self.config_pointer), "cpu": self.cpu})
+                           "config_pointer": str(self.config_pointer), "cpu": self.cpu,
+                           "batch": self.batch})
 
 
 class Supervisor:
@@ -80,6 +84,7 @@ class Supervisor:
         self.config = config
         self.workdir = workdir
         self.cpus = cpus  # pin_workers: each worker's CPU, by index
+        self.batch = config.batch_scheduling  # fixed until a restart, as the CPUs are
         self.metrics_dir = workdir / "metrics"
         self.metrics_dir.mkdir(mode=0o700)
         self.metrics = Metrics(role="supervisor")
@@ -123,7 +128,7 @@ class Supervisor:
     async def start_worker(self, index: int) -> None:
         self._ready_file(index).unlink(missing_ok=True)
         role = WorkerRole(index, self.ports, self._ready_file(index), self.mirror.pointer,
-                          None if self.cpus is None else self.cpus[index])
+                          None if self.cpus is None else self.cpus[index], self.batch)
         env = {**os.environ, "GATEWAY_WORKER": role.to_environment(),
                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         level = pinned_level()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import textwrap
 from collections.abc import AsyncIterator
@@ -143,6 +144,15 @@ class Google(Protocol):
     def seal(self, plaintext: bytes, variant: str = "good") -> bytes: ...
 
     def open(self, body: bytes) -> tuple[bytes, list[str]]: ...
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policies of the threads of process `pid` (batch_scheduling)."""
+    policies = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with suppress(ProcessLookupError):  # a thread that ended meanwhile
+            policies.add(os.sched_getscheduler(int(task.name)))
+    return policies
 
 
 def rsa_public(keys: JoseKeys, name: str) -> rsa.RSAPublicKey:

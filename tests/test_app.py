@@ -34,6 +34,7 @@ from tests.e2e import (
     post,
     post_until_closed,
     running_gateway,
+    thread_policies,
 )
 from tests.jose_fixtures import JoseKeys, NodeJose
 from tests.peers import StandIn, json_answer, slow
@@ -213,8 +214,10 @@ async def test_run_process_drains_on_sigterm(
 ) -> None:
     sealed = await asyncio.to_thread(google.seal, REQUEST)
     path = tmp_path / "config.yaml"
+    # batch_scheduling with workers: 1 puts the one process under SCHED_BATCH.
     path.write_text(textwrap.dedent(config(google, runtime_dir, pki,
-                                           inbound_url=slow_partner.url)))
+                                           inbound_url=slow_partner.url,
+                                           top={"batch_scheduling": "true"})))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(path),
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -234,6 +237,9 @@ async def test_run_process_drains_on_sigterm(
                 ssl=pki.client_context()))
             while not slow_partner.calls:
                 await asyncio.sleep(0.02)
+            # Every thread: the crypto thread that opened the request, the log writer too.
+            assert len(list(Path(f"/proc/{process.pid}/task").iterdir())) > 2
+            assert thread_policies(process.pid) == {os.SCHED_BATCH}
             process.send_signal(signal.SIGTERM)
             response = await request
             assert response.status == 200

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import affinity, supervisor
 from gateway.config import cpu_quota, load_config
 from gateway.errors import ConfigError
-from tests.e2e import ANSWER, REQUEST, JoseGoogle, Pki, config
+from tests.e2e import ANSWER, REQUEST, JoseGoogle, Pki, config, thread_policies
 from tests.jose_fixtures import JoseKeys, NodeJose
 from tests.peers import StandIn, json_answer
 
@@ -66,11 +66,6 @@ async def killed(process: asyncio.subprocess.Process) -> None:
                 os.kill(pid, signal.SIGKILL)
         process.kill()
         await process.wait()
-
-
-def thread_policies(pid: int) -> set[int]:
-    """The scheduling policies of the threads of process `pid`."""
-    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
 
 
 def thread_cpus(pid: int) -> dict[int, tuple[int, ...]]:
@@ -290,13 +285,13 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
             await events.until("listening", worker=index)
             assert await served() == [200] * 8
             assert await ready() == "ready\n"
-        # The operator fixes both and adds a route (not served until a restart); a reload
-        # lands while a replaced worker is still starting.
+        # The operator fixes both, adds a route and turns batch_scheduling on (neither applies
+        # until a restart); a reload lands while a replaced worker is still starting.
         key.write_bytes(jose_keys.private("partner-sig-a").read_bytes())
         added = ('\n  - {name: in2, direction: inbound, listen: "127.0.0.1:0", own_keys: partner,'
                  f' peer_keys: google, upstream: {{url: "{partner.url}"}}}}\n')
-        path.write_text(good.replace("workers: 2", "workers: 2\nwarn_expiry_days: 29")
-                        + added)
+        path.write_text(good.replace(
+            "workers: 2", "workers: 2\nwarn_expiry_days: 29\nbatch_scheduling: true") + added)
         starting = await replace_worker(0)
         process.send_signal(signal.SIGHUP)
         await events.until("reloaded", generation=2)  # the supervisor's
@@ -316,7 +311,9 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
         for state in states:
             assert set(thread_cpus(state["pid"]).values()) == {
                 tuple(sorted(os.sched_getaffinity(0)))}
-            assert thread_policies(state["pid"]) == {os.SCHED_OTHER}  # batch_scheduling: off
+            # batch_scheduling: off as the supervisor started, for a worker started after the
+            # reload that turned it on too.
+            assert thread_policies(state["pid"]) == {os.SCHED_OTHER}
         # Logged by the supervisor at start and at the reload, not by every worker.
         assert len([e for e in events.seen if e["event"] == "key expires soon"]) == 2
         assert await served() == [200] * 8
@@ -325,6 +322,7 @@ async def test_workers_get_what_the_supervisor_validated_and_survive_hangups_whi
         await replace_worker(1)
         await events.until("route not served until a restart", route="in2", worker=1)
         await events.until("listening", worker=1)
+        assert thread_policies(workers[1]) == {os.SCHED_OTHER}
         assert await served() == [200] * 8
         assert await ready() == "ready\n"
         process.send_signal(signal.SIGTERM)
