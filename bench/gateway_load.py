@@ -584,6 +584,10 @@ class Load:
     def per_second(self) -> float:
         return self.good / self.seconds if self.seconds else 0.0
 
+    def uncounted(self) -> dict[str, int]:
+        """What was not counted as good: by status or content type, and by socket error."""
+        return dict(self.bad_kinds) | {f"socket {k}": v for k, v in self.errors.items()}
+
     def percentile_ms(self, p: float) -> float:
         total = sum(self.histogram.values())
         if not total:
@@ -1312,6 +1316,11 @@ def summarize_gil(stacks: Stacks, possible: int, top: int = 15) -> list[str]:
 # Report
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator; NaN (printed "-") when there is no denominator."""
+    return numerator / denominator if denominator else math.nan
+
+
 def fmt(value: float, spec: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else format(value, spec)
@@ -1335,7 +1344,7 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
         bad = g.bad + sum(g.errors.values())
         out.append(
             f"{r.name:<18}{fmt(g.per_second):>8}{fmt(p50):>9}{fmt(g.percentile_ms(90)):>9}"
-            f"{fmt(p99):>9}{fmt(p99 / p50 if p50 else math.nan, '.2f'):>8}{bad:>8}"
+            f"{fmt(p99):>9}{fmt(ratio(p99, p50), '.2f'):>8}{bad:>8}"
             f"{fmt(r.rss_mib, '.0f'):>8}{r.lag:>11}")
     out += [
         "",
@@ -1369,11 +1378,11 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
         pgp = r.scheme == "pgp"
         out.append(
             f"{r.name:<18}{fmt(gw):>9}{fmt(r.floor.per_second):>9}"
-            f"{fmt(gw / r.floor.per_second if r.floor.per_second else math.nan, '.2f'):>9}"
+            f"{fmt(ratio(gw, r.floor.per_second), '.2f'):>9}"
             f"{fmt(r.ceiling.per_second) if pgp else '-':>9}"
             f"{fmt(gw / r.ceiling.per_second, '.2f') if pgp and r.ceiling.per_second else '-':>8}"
             f"{fmt(r.partner.per_second, '.0f'):>10}"
-            f"{fmt(gw / r.partner.per_second if r.partner.per_second else math.nan, '.3f'):>11}")
+            f"{fmt(ratio(gw, r.partner.per_second), '.3f'):>11}")
     out += [
         "",
         "The plain-proxy bound: plain = wrk at the plain proxy (the gateway's stack: uvloop, "
@@ -1392,8 +1401,8 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
         c1 = r.plain_c1.percentile_ms(50) - r.partner_c1.percentile_ms(50)
         out.append(
             f"{r.name:<18}{fmt(pl, '.0f'):>9}{fmt(bound, '.0f'):>9}"
-            f"{fmt(bound / fl if fl else math.nan, '.2f'):>12}"
-            f"{fmt(gw / bound, '.2f'):>9}{fmt(gw / pl if pl else math.nan, '.2f'):>9}"
+            f"{fmt(ratio(bound, fl), '.2f'):>12}"
+            f"{fmt(gw / bound, '.2f'):>9}{fmt(ratio(gw, pl), '.2f'):>9}"
             f"{fmt(c1, '.2f'):>15}")
     jose = [r for r in results if r.scheme == "jose"]
     if jose:
@@ -1417,9 +1426,9 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
                 scaled = fmt(target / measured * ref / fl, ".2f")
             out.append(
                 f"{r.name:<18}{fmt(gw):>9}{fmt(ref):>9}"
-                f"{fmt(ref / fl if fl else math.nan, '.2f'):>10}"
-                f"{fmt(gw / ref if ref else math.nan, '.2f'):>8}"
-                f"{fmt(gw / fl if fl else math.nan, '.2f'):>9}{scaled:>18}")
+                f"{fmt(ratio(ref, fl), '.2f'):>10}"
+                f"{fmt(ratio(gw, ref), '.2f'):>8}"
+                f"{fmt(ratio(gw, fl), '.2f'):>9}{scaled:>18}")
     out += [
         "",
         "CPU per round trip in ms over the load slices (/proc ticks; the floor from this "
@@ -1454,13 +1463,9 @@ def report(results: list[CaseResult], opts: Options) -> list[str]:
             f"{fmt(r.ceiling_1.median_ms, '.1f') if r.scheme == 'pgp' else '-':>8}")
     notes = []
     for r in results:
-        kinds = dict(r.gateway.bad_kinds) | {f"socket {k}": v for k, v in r.gateway.errors.items()}
-        if kinds:
-            notes.append(f"{r.name}: not counted: {kinds}")
-        ref = r.reference
-        kinds = dict(ref.bad_kinds) | {f"socket {k}": v for k, v in ref.errors.items()}
-        if kinds:
-            notes.append(f"{r.name}: the reference's answers not counted: {kinds}")
+        for load, whose in ((r.gateway, ""), (r.reference, "the reference's answers ")):
+            if kinds := load.uncounted():
+                notes.append(f"{r.name}: {whose}not counted: {kinds}")
         if r.exit_code not in (0, None):
             notes.append(f"{r.name}: the gateway exited with status {r.exit_code}")
     if notes:
