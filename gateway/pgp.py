@@ -515,8 +515,13 @@ def _create_home(home: Path) -> None:
 def _start(home: Path, timeout_s: float) -> _Gpg:
     """Start the home's agent (presetting passphrases needs it running) and bind python-gnupg
     to the home."""
-    _tool(["gpgconf", "--homedir", str(home), "--launch", "gpg-agent"], home, timeout_s)
+    _launch_agent(home, timeout_s)
     return _Gpg(home, timeout_s)
+
+
+def _launch_agent(home: Path, timeout_s: float) -> None:
+    """Start the home's gpg-agent unless it runs."""
+    _tool(["gpgconf", "--homedir", str(home), "--launch", "gpg-agent"], home, timeout_s)
 
 
 def _remove_home(home: Path) -> None:
@@ -1045,7 +1050,7 @@ class PgpEnvelope:
                 self._import(key.material.secret or key.material.public, key)
             for key in peer.enabled():
                 self._import(key.material.public, key)
-            self._preset_passphrases()
+            self._preset_passphrases(launch=False)  # _start launched the agent
         except BaseException:
             self.close()
             raise
@@ -1054,13 +1059,12 @@ class PgpEnvelope:
         if key.fingerprint not in _import(self._gpg, data):
             raise EngineError(f"gpg did not import key '{key.id}'")
 
-    def _preset_passphrases(self) -> None:
-        """Give the home's agent our passphrases, starting it first if it is gone (presetting
-        does not start one; a dead agent made it fail, and a retry never ran)."""
+    def _preset_passphrases(self, launch: bool = True) -> None:
+        """Give the home's agent our passphrases; `launch`: start it first if it is gone
+        (presetting does not start one; a dead agent made it fail, and a retry never ran)."""
         keys = [key for key in self.own.enabled() if key.material.passphrase is not None]
-        if keys:
-            _tool(["gpgconf", "--homedir", str(self.home), "--launch", "gpg-agent"], self.home,
-                  self.timeout_s)
+        if keys and launch:
+            _launch_agent(self.home, self.timeout_s)
         for key in keys:
             _preset(self.home, key.material.keygrips, key.material.passphrase, self.timeout_s)
 
