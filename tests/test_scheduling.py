@@ -84,10 +84,22 @@ def refuse(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return asked
 
 
-def test_check_batch_probes_in_a_thread_of_its_own(tmp_path: Path) -> None:
+def test_check_batch_probes_in_a_thread_of_its_own(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.sched_setscheduler
+    asked: list[tuple[int, int, int]] = []  # (thread, pid argument, policy)
+
+    def recorded(pid: int, policy: int, param: os.sched_param) -> None:
+        asked.append((threading.get_ident(), pid, policy))
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", recorded)
     before = os.sched_getscheduler(0)
     check_batch(config(tmp_path, True))
-    assert os.sched_getscheduler(0) == before  # the caller's policy is untouched
+    # Really set, in another thread (pid 0: that thread only), and the caller untouched.
+    assert [(pid, policy) for _, pid, policy in asked] == [(0, os.SCHED_BATCH)]
+    assert asked[0][0] != threading.get_ident()
+    assert os.sched_getscheduler(0) == before
 
 
 def test_check_batch_refuses_where_the_system_does(tmp_path: Path,

@@ -94,11 +94,13 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
 ) -> None:
     google = JoseGoogle(jose_keys, node_jose)
     path = tmp_path / "config.yaml"
-    # Pinned where this machine allows it (2 workers: at most 2 CPUs and no lower quota); the
-    # other test runs unpinned.
+    # Pinned where this machine allows it: the gateway runs on at most 2 CPUs (taskset, so that
+    # 2 workers cover them on a bigger machine too); refused only under a CPU quota below them.
+    # The other test runs unpinned.
+    cpus = sorted(affinity.allowed_cpus())[:2]
+    taskset = ["taskset", "-c", ",".join(map(str, cpus))]
     try:
-        pinned: list[int | None] = list(affinity.worker_cpus(2, affinity.allowed_cpus(),
-                                                             cpu_quota()))
+        pinned: list[int | None] = list(affinity.worker_cpus(2, cpus, cpu_quota()))
     except ConfigError:
         pinned = [None, None]
     path.write_text(textwrap.dedent(config(
@@ -107,8 +109,8 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
              "batch_scheduling": "true"})))
     sealed = await asyncio.to_thread(google.seal, REQUEST)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level", "info",
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        *taskset, sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-level",
+        "info", stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert process.stderr is not None
     try:
         listening = await next_event(process.stderr, "listening", workers=2)
@@ -151,8 +153,7 @@ async def test_two_workers_share_the_listener_and_the_supervisor_sums_them(
             assert [w["cpu"] for w in status["workers"]] == pinned
             cpu_of = {state["pid"]: state["cpu"] for state in status["workers"]}
             for pid, cpu in cpu_of.items():
-                assert set(thread_cpus(pid).values()) == {
-                    tuple(sorted(affinity.allowed_cpus())) if cpu is None else (cpu,)}
+                assert set(thread_cpus(pid).values()) == {tuple(cpus) if cpu is None else (cpu,)}
                 # batch_scheduling: every thread of each worker, not the supervisor's.
                 assert thread_policies(pid) == {os.SCHED_BATCH}
             assert thread_policies(process.pid) == {os.SCHED_OTHER}
